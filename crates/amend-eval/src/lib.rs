@@ -1,0 +1,11 @@
+//! Comparisons of minimal-update methods: the synthetic tasks with a known ideal update, the method
+//! runners under equal budgets, the metrics (unwanted rate, `KL(p*‖p_new)`, KL to the base model on
+//! clean prompts, held-out perplexity, wall time, peak memory) and the reports (markdown table,
+//! JSON, SVG/PNG plot) that `amend compare` writes.
+//!
+//! Errors are the one enum [`Error`], which wraps the errors of the other crates as sources.
+#![doc(test(attr(deny(warnings))))]
+
+mod error;
+
+pub use error::{Error, Result};

@@ -1,0 +1,122 @@
+//! The error type of `amend-losses`.
+
+/// Errors returned by the losses of this crate.
+///
+/// Variants name the operation (`op`, the loss function) and the shapes or indices involved.
+/// Errors from the layers below are kept as sources: [`Error::Tch`] for libtorch and
+/// [`Error::Kernel`] for the fused kernels.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A libtorch operation failed.
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    /// A fused kernel rejected its input.
+    #[error(transparent)]
+    Kernel(#[from] amend_kernels::KernelError),
+    /// A tensor does not have the shape the loss requires.
+    #[error("{op}: `{name}` has shape {got:?}, expected {expected}")]
+    ShapeMismatch {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument.
+        name: &'static str,
+        /// The required shape, in words (for example `"[B, T] matching logits [2, 3, 4]"`).
+        expected: String,
+        /// The shape that was given.
+        got: Vec<i64>,
+    },
+    /// A tensor has an unsupported dtype.
+    #[error("{op}: `{name}` has dtype {got:?}, expected {expected}")]
+    DtypeMismatch {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument.
+        name: &'static str,
+        /// The accepted dtypes, in words.
+        expected: &'static str,
+        /// The dtype that was given.
+        got: tch::Kind,
+    },
+    /// Tensors that must share a device do not.
+    #[error("{op}: `{name}` is on {got:?}, but logits are on {expected:?}")]
+    DeviceMismatch {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument.
+        name: &'static str,
+        /// Device of the logits.
+        expected: tch::Device,
+        /// Device of the argument.
+        got: tch::Device,
+    },
+    /// The vocabulary is smaller than 2.
+    #[error("{op}: vocabulary size {vocab} is too small (at least 2 is required)")]
+    VocabTooSmall {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// The vocabulary size.
+        vocab: i64,
+    },
+    /// A label (or token id) at an active position is outside `[0, vocab)`.
+    #[error(
+        "{op}: `{name}` holds {value} at {index:?}, outside [0, {vocab}) ({count} such entries)"
+    )]
+    LabelOutOfRange {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument.
+        name: &'static str,
+        /// First offending value.
+        value: i64,
+        /// Its index.
+        index: Vec<i64>,
+        /// Number of offending entries.
+        count: i64,
+        /// Vocabulary size.
+        vocab: i64,
+    },
+    /// A token weight is not exactly −1, 0 or +1.
+    #[error(
+        "token weights must be -1, 0 or +1; found {value} at {index:?} ({count} invalid entries)"
+    )]
+    InvalidTokenWeight {
+        /// First offending value.
+        value: f64,
+        /// Its index.
+        index: Vec<i64>,
+        /// Number of invalid entries.
+        count: i64,
+    },
+    /// A configuration value is outside its domain.
+    #[error("{op}: invalid `{name}`: {reason}")]
+    InvalidConfig {
+        /// Loss that rejected the configuration.
+        op: &'static str,
+        /// Name of the field.
+        name: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A sequence has no scored token, so a length-normalised statistic is undefined.
+    #[error("{op}: sequence {index} has no scored token (use EmptyPolicy::Mask to drop it)")]
+    EmptySequence {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Index of the sequence.
+        index: i64,
+    },
+    /// Any other invalid input, described in words.
+    #[error("{op}: invalid input `{name}`: {reason}")]
+    InvalidInput {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument.
+        name: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

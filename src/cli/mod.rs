@@ -1,0 +1,4 @@
+//! Subcommands of the `amend` binary. Each subcommand lives in its own file and only parses its
+//! arguments and calls into the library crates.
+
+pub mod info;

@@ -1,0 +1,35 @@
+//! The `amend` command line tool.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// amend: minimal targeted updates of language models.
+///
+/// Remove unwanted behaviour from a language model while changing everything else as little as
+/// possible, and compare the methods that do it side by side.
+#[derive(Debug, Parser)]
+#[command(name = "amend", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Info(cli::info::InfoArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Info(args) => cli::info::run(&args),
+    }
+}
