@@ -20,6 +20,7 @@
 
 mod error;
 mod output;
+pub mod sequence;
 
 pub use amend_kernels::{Reduction, SumCount};
 pub use error::{Error, Result};
