@@ -122,6 +122,9 @@ impl FusedLinearSeqLogps {
     /// out    = loss + (⟨∂h, h⟩ + ⟨∂W, W⟩ + ⟨∂b, b⟩) − (…).detach()
     /// ```
     ///
+    /// The surrogate's inner products run in f32 (f64 for f64 inputs); for bf16 parameters the
+    /// gradient reaches them through the cast, rounded once.
+    ///
     /// `loss` may depend on anything else too (other log-probs, a retain term, other
     /// parameters); only its dependence on these log-probs is rerouted. Chain several
     /// `f_attach` calls when a loss uses several fused-linear outputs. Call `backward()` on the
@@ -164,17 +167,22 @@ impl FusedLinearSeqLogps {
         if self.hidden.requires_grad() {
             let (n_rows, h) =
                 (self.hidden.numel() as i64 / self.w_kind.size()[1], self.w_kind.size()[1]);
-            let full = Tensor::f_zeros([n_rows, h], (self.kind, g_h.device()))?
-                .f_index_copy(0, &self.active.rows, &g_h)?
-                .f_to_kind(self.hidden.kind())?;
-            add(full.f_reshape([-1])?.f_dot(&self.hidden.f_reshape([-1])?)?)?;
+            let full = Tensor::f_zeros([n_rows, h], (self.kind, g_h.device()))?.f_index_copy(
+                0,
+                &self.active.rows,
+                &g_h,
+            )?;
+            add(full
+                .f_reshape([-1])?
+                .f_dot(&self.hidden.f_reshape([-1])?.f_to_kind(self.kind)?)?)?;
         }
         if self.weight.requires_grad() {
-            let gw = g_w.f_to_kind(self.weight.kind())?;
-            add(gw.f_reshape([-1])?.f_dot(&self.weight.f_reshape([-1])?)?)?;
+            add(g_w
+                .f_reshape([-1])?
+                .f_dot(&self.weight.f_reshape([-1])?.f_to_kind(self.kind)?)?)?;
         }
         if let Some(b) = self.bias.as_ref().filter(|b| b.requires_grad()) {
-            add(g_b.f_to_kind(b.kind())?.f_dot(b)?)?;
+            add(g_b.f_dot(&b.f_to_kind(self.kind)?)?)?;
         }
         match inj {
             None => Ok(loss.shallow_clone()),
