@@ -40,6 +40,7 @@ enum Weighted {
     Nl,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn weighted_loss(
     which: Weighted,
     z: &Tensor,
@@ -425,7 +426,9 @@ const BY: [i64; 6] = [0, 1, 3, 0, 2, 3];
 const BW: [i64; 6] = [1, -1, 0, -1, 1, 1];
 
 /// (loss, token losses, score, Sum, Mean)
-const BATCH: [(Weighted, [f64; 6], [f64; 2], f64, f64); 7] = [
+type BatchRow = (Weighted, [f64; 6], [f64; 2], f64, f64);
+
+const BATCH: [BatchRow; 7] = [
     (
         Weighted::Tnt(TntVariant::Ff),
         [1.256066, 3.963458, 0.0, 4.805592, 1.356341, 1.185670],

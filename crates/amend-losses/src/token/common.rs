@@ -315,15 +315,29 @@ pub(crate) fn check_finite_rows(
 /// Detached scalar metrics gathered as tensors and read back with a single device sync.
 #[derive(Default)]
 pub(crate) struct MetricSink {
-    names: Vec<(&'static str, f64)>,
-    sums: Vec<Tensor>,
+    names: Vec<&'static str>,
+    /// Interleaved `[sum, count]` scalars, as f64 `[1]` tensors.
+    values: Vec<Tensor>,
 }
 
 impl MetricSink {
-    /// Adds metric `name` with a scalar `sum` tensor (detached here) and its `count`.
+    /// Adds metric `name` with a scalar `sum` tensor (detached here) and a host `count`.
     pub(crate) fn add(&mut self, name: &'static str, sum: &Tensor, count: f64) -> Result<()> {
-        self.sums.push(sum.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([1])?);
-        self.names.push((name, count));
+        let count = Tensor::f_from_slice(&[count])?.f_to(sum.device())?;
+        self.add_counted(name, sum, &count)
+    }
+
+    /// Adds metric `name` with scalar `sum` and `count` tensors (detached here).
+    pub(crate) fn add_counted(
+        &mut self,
+        name: &'static str,
+        sum: &Tensor,
+        count: &Tensor,
+    ) -> Result<()> {
+        for t in [sum, count] {
+            self.values.push(t.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([1])?);
+        }
+        self.names.push(name);
         Ok(())
     }
 
@@ -332,18 +346,18 @@ impl MetricSink {
         self.add(name, &Tensor::f_from_slice(&[sum])?, count)
     }
 
-    /// Reads every sum back (one sync) into a [`Metrics`].
+    /// Reads every value back (one sync) into a [`Metrics`].
     pub(crate) fn finish(self) -> Result<Metrics> {
         let mut metrics = Metrics::new();
-        if self.sums.is_empty() {
+        if self.values.is_empty() {
             return Ok(metrics);
         }
-        let device = self.sums[0].device();
-        let sums: Vec<Tensor> =
-            self.sums.iter().map(|s| s.f_to(device)).collect::<Result<_, tch::TchError>>()?;
-        let values = Vec::<f64>::try_from(&Tensor::f_cat(&sums, 0)?)?;
-        for ((name, count), sum) in self.names.into_iter().zip(values) {
-            metrics.add(name, sum, count);
+        let device = self.values[0].device();
+        let values: Vec<Tensor> =
+            self.values.iter().map(|s| s.f_to(device)).collect::<Result<_, tch::TchError>>()?;
+        let values = Vec::<f64>::try_from(&Tensor::f_cat(&values, 0)?)?;
+        for (name, pair) in self.names.into_iter().zip(values.chunks(2)) {
+            metrics.add(name, pair[0], pair[1]);
         }
         Ok(metrics)
     }

@@ -262,12 +262,11 @@ impl<'a> Problem<'a> {
         &self,
         loss: &dyn RowLoss,
         buffers: usize,
-        backend: TokenBackend,
-        policy: NonFinitePolicy,
-        reduction: Reduction,
+        settings: (TokenBackend, NonFinitePolicy, Reduction),
         opts: &FusedLinearOptions,
         metrics: &dyn Fn(&Rows, &Tensor, &mut MetricSink) -> Result<()>,
     ) -> Result<LossOutput> {
+        let (backend, policy, reduction) = settings;
         let op = self.op;
         let kind = self.kind;
         let device = self.hidden.device();
@@ -515,10 +514,13 @@ pub fn fused_linear_nll_loss(
         active = active.f_logical_and(&as_mask(OP, "loss_mask", m)?.f_reshape([-1])?)?;
     }
     problem.activate(active)?;
-    let count = problem.count as f64;
-    problem.run(&NllRows, 1, cfg.backend, cfg.non_finite, cfg.reduction, opts, &|rows, _, sink| {
-        nll_metrics(rows, count, sink)
-    })
+    problem.run(
+        &NllRows,
+        1,
+        (cfg.backend, cfg.non_finite, cfg.reduction),
+        opts,
+        &|rows, _, sink| nll_metrics(rows, sink),
+    )
 }
 
 /// Hidden-state TNT (TNFF, TNRR, TNRF, TNFLL, TNRLL) through the LM head, chunked, with
@@ -594,10 +596,26 @@ pub fn fused_linear_tnt_loss(
     problem.run(
         &rows_loss,
         2,
-        cfg.backend,
-        cfg.non_finite,
-        cfg.reduction,
+        (cfg.backend, cfg.non_finite, cfg.reduction),
         opts,
-        &|rows, value, sink| tnt_metrics(rows, value, weights, sink),
+        &|rows, value, sink| tnt_metrics(rows, value, sink),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_rule_follows_the_memory_budget() {
+        let opts = FusedLinearOptions::default();
+        // 64 MiB / (50257 · 4 B) = 333 rows → 256 for one buffer (CE), 128 for two (TNT).
+        assert_eq!(opts.chunk(50257, 1), 256);
+        assert_eq!(opts.chunk(50257, 2), 128);
+        // Small vocabularies are capped at 1024 rows, huge ones floored at 128.
+        assert_eq!(opts.chunk(1000, 1), 1024);
+        assert_eq!(opts.chunk(1 << 24, 1), 128);
+        assert_eq!(opts.clone().with_chunk_rows(7).chunk(50257, 2), 7);
+        assert_eq!(opts.with_memory_budget_bytes(32 << 20).chunk(32000, 1), 256);
+    }
 }

@@ -89,8 +89,9 @@ impl RowLoss for NllRows {
 
 /// TRL-named NLL diagnostics: `mean_token_accuracy` (argmax = label) and `entropy` (mean entropy
 /// of the predicted distribution), over the active tokens.
-pub(crate) fn nll_metrics(rows: &Rows, count: f64, sink: &mut MetricSink) -> Result<()> {
+pub(crate) fn nll_metrics(rows: &Rows, sink: &mut MetricSink) -> Result<()> {
     let z = rows.z.f_detach()?;
+    let count = z.size()[0] as f64;
     let lp = LogProbs::new(&z)?;
     let hit = z.f_argmax(-1, false)?.f_eq_tensor(&rows.labels)?;
     let entropy = lp.p()?.f_mul(&lp.l_s)?.f_sum(Kind::Double)?.f_neg()?;
@@ -187,7 +188,7 @@ pub fn nll_loss(
     let prep = prepare_nll(OP, logits, labels, loss_mask, cfg)?;
     let row_loss = eval_rows(&NllRows, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| nll_metrics(&prep.rows, prep.count as f64, &mut sink))?;
+    tch::no_grad(|| nll_metrics(&prep.rows, &mut sink))?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }

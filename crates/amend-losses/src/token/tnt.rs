@@ -284,19 +284,15 @@ impl RowLoss for TntRows {
 }
 
 /// TNT diagnostics on detached rows (see [`tnt_loss`] for the list).
-pub(crate) fn tnt_metrics(
-    rows: &Rows,
-    row_loss: &Tensor,
-    weights: &TokenWeights,
-    sink: &mut MetricSink,
-) -> Result<()> {
+pub(crate) fn tnt_metrics(rows: &Rows, row_loss: &Tensor, sink: &mut MetricSink) -> Result<()> {
     let z = rows.z.f_detach()?;
     let lp = LogProbs::new(&z)?;
     let zo = rows.zo()?;
     let hot = onehot(&rows.labels, rows.vocab())?;
     let neg = rows.neg()?;
     let pos = neg.f_logical_not()?;
-    let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
+    let n_neg = neg.f_sum(Kind::Double)?;
+    let n_pos = pos.f_sum(Kind::Double)?;
     let log_ref = ref_log_target(zo, &lp.fin, None)?;
     let log_q = ref_log_target(zo, &lp.fin, Some(&hot))?;
     let labels = rows.labels.f_unsqueeze(1)?;
@@ -305,15 +301,15 @@ pub(crate) fn tnt_metrics(
     let argmax = z.f_argmax(-1, false)?;
     let top1 = argmax.f_eq_tensor(&rows.labels)?.f_to_kind(Kind::Double)?;
     let agree = argmax.f_eq_tensor(&log_ref.f_argmax(-1, false)?)?.f_to_kind(Kind::Double)?;
-    sink.add("tnt/neg_mass", &masked_sum(&p_y, neg)?, n_neg)?;
-    sink.add("tnt/ref_neg_mass", &masked_sum(&ref_p_y, neg)?, n_neg)?;
-    sink.add("tnt/neg_top1", &masked_sum(&top1, neg)?, n_neg)?;
-    sink.add("tnt/neg_kl", &masked_sum(&ce_value(&lp, &log_q, true)?, neg)?, n_neg)?;
-    sink.add("tnt/pos_kl", &masked_sum(&ce_value(&lp, &log_ref, true)?, &pos)?, n_pos)?;
-    sink.add("tnt/pos_top1_agreement", &masked_sum(&agree, &pos)?, n_pos)?;
+    sink.add_counted("tnt/neg_mass", &masked_sum(&p_y, neg)?, &n_neg)?;
+    sink.add_counted("tnt/ref_neg_mass", &masked_sum(&ref_p_y, neg)?, &n_neg)?;
+    sink.add_counted("tnt/neg_top1", &masked_sum(&top1, neg)?, &n_neg)?;
+    sink.add_counted("tnt/neg_kl", &masked_sum(&ce_value(&lp, &log_q, true)?, neg)?, &n_neg)?;
+    sink.add_counted("tnt/pos_kl", &masked_sum(&ce_value(&lp, &log_ref, true)?, &pos)?, &n_pos)?;
+    sink.add_counted("tnt/pos_top1_agreement", &masked_sum(&agree, &pos)?, &n_pos)?;
     let row_loss = row_loss.f_detach()?;
-    sink.add("tnt/neg_loss", &masked_sum(&row_loss, neg)?, n_neg)?;
-    sink.add("tnt/pos_loss", &masked_sum(&row_loss, &pos)?, n_pos)?;
+    sink.add_counted("tnt/neg_loss", &masked_sum(&row_loss, neg)?, &n_neg)?;
+    sink.add_counted("tnt/pos_loss", &masked_sum(&row_loss, &pos)?, &n_pos)?;
     Ok(())
 }
 
@@ -381,7 +377,7 @@ pub(crate) fn tnt_metrics(
 ///
 /// ```
 /// use amend_losses::token::{TntConfig, TntVariant, TokenWeights, tnt_loss};
-/// use tch::{Kind, Tensor};
+/// use tch::Tensor;
 ///
 /// // Example A of the spec: one negative position, V = 4.
 /// let z = Tensor::from_slice(&[2.0f64, 1.0, 0.5, -1.0]).reshape([1, 1, 4]);
@@ -408,7 +404,7 @@ pub fn tnt_loss(
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };
     let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| tnt_metrics(&prep.rows, &row_loss, weights, &mut sink))?;
+    tch::no_grad(|| tnt_metrics(&prep.rows, &row_loss, &mut sink))?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }

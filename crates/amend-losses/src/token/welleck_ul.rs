@@ -342,7 +342,7 @@ pub fn welleck_ul_loss(
         sink.add("ul/candidate_penalty", &lam.f_neg()?.f_sum(Kind::Double)?, count)?;
         sink.add("ul/num_candidates", &cand.valid.f_sum(Kind::Double)?, count)?;
         sink.add("ul/candidate_mass", &p_c.f_sum(Kind::Double)?, count)?;
-        nll_metrics(rows, count, &mut sink)
+        nll_metrics(rows, &mut sink)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
