@@ -349,20 +349,15 @@ impl<'a> Problem<'a> {
                 _ => None,
             };
             let to_flat = |r: i64| sel.flat_index(start + r);
-            check_finite_rows(op, "logits", &z_c, &to_flat, &self.lead, policy)?;
+            let all_finite = check_finite_rows(op, "logits", &z_c, &to_flat, &self.lead, policy)?;
             if let Some(zo) = &zo_c {
                 check_finite_rows(op, "ref_logits", zo, &to_flat, &self.lead, policy)?;
             }
-            let rows = Rows {
-                z: z_c,
-                zo: zo_c,
-                labels: labels.f_narrow(0, start, len)?,
-                neg: match &neg {
-                    Some(neg) => Some(neg.f_narrow(0, start, len)?),
-                    None => None,
-                },
-                cand: None,
-            };
+            let mut rows = Rows::new(z_c, zo_c, labels.f_narrow(0, start, len)?);
+            rows.all_finite = all_finite;
+            if let Some(neg) = &neg {
+                rows.neg = Some(neg.f_narrow(0, start, len)?);
+            }
             let value = if need_grad {
                 let ones = Tensor::f_ones([len], (kind, device))?;
                 let (value, g_c) = if backend == TokenBackend::Composite {

@@ -10,7 +10,7 @@ use super::common::{
     MetricSink, NonFinitePolicy, TokenBackend, check_nonneg_finite, check_reduction, finish,
     masked_sum, prepare_weighted, token_losses,
 };
-use super::rows::{LogProbs, RowLoss, Rows, eval_rows, onehot};
+use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
 use super::weights::TokenWeights;
 use crate::{Error, LossOutput, Reduction, Result};
 
@@ -111,7 +111,7 @@ impl NlRows {
 
 impl RowLoss for NlRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let l_y = LogProbs::new(&rows.z)?.at(&rows.labels)?;
+        let l_y = rows.log_probs()?.at(&rows.labels)?;
         let neg = rows.neg()?;
         let floored = self.floored(&l_y, neg)?;
         let neg_value = l_y.f_mul_scalar(self.alpha)?.f_where_scalarother(
@@ -122,7 +122,7 @@ impl RowLoss for NlRows {
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let l_y = lp.at(&rows.labels)?;
         let neg = rows.neg()?;
         let floored = self.floored(&l_y, neg)?;
@@ -132,8 +132,7 @@ impl RowLoss for NlRows {
         )?;
         let value = neg_value.f_where_self(neg, &l_y.f_neg()?)?;
         let grad = if want_grad {
-            let hot = onehot(&rows.labels, rows.vocab())?.f_to_kind(lp.l.f_kind()?)?;
-            let g_pos = lp.p()?.f_sub(&hot)?;
+            let g_pos = minus_onehot(&lp.p()?, &rows.labels)?;
             // Negative rows: α(e_y − p), or 0 when floored.
             let g_neg = g_pos
                 .f_mul_scalar(-self.alpha)?
@@ -200,16 +199,14 @@ pub fn nl_loss(
     cfg.validate()?;
     let prep = prepare_weighted(OP, logits, None, labels, weights, cfg.non_finite)?;
     let rows_loss = NlRows { alpha: cfg.alpha, threshold: cfg.threshold };
-    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
+    let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
     let mut sink = MetricSink::default();
-    tch::no_grad(|| -> Result<()> {
-        let rows = &prep.rows;
-        let l_y = LogProbs::new(&rows.z.f_detach()?)?.at(&rows.labels)?;
+    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, _| {
+        let l_y = rows.log_probs()?.at(&rows.labels)?;
         let neg = rows.neg()?;
-        let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
-        let floored = rows_loss.floored(&l_y, neg)?.f_to_kind(Kind::Double)?;
+        let floored = rows_loss.floored(&l_y, neg)?.f_to_kind(Kind::Float)?;
         sink.add("nl/neg_logp", &masked_sum(&l_y, neg)?, n_neg)?;
-        sink.add("nl/floored", &floored.f_sum(Kind::Double)?, n_neg)?;
+        sink.add("nl/floored", &floored.f_sum(Kind::Float)?, n_neg)?;
         sink.add("nl/pos_nll", &masked_sum(&l_y.f_neg()?, &neg.f_logical_not()?)?, n_pos)?;
         Ok(())
     })?;

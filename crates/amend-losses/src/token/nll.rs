@@ -7,7 +7,7 @@ use super::common::{
     MetricSink, NonFinitePolicy, Prepared, RowSelection, TokenBackend, as_ids, as_mask, check_bt,
     check_logits, check_reduction, count_and_check_ids, finish, select_rows, token_losses,
 };
-use super::rows::{LogProbs, RowLoss, Rows, eval_rows, onehot};
+use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
 use crate::{LossOutput, Reduction, Result};
 
 /// Configuration of [`nll_loss`] and [`conditional_nll_loss`].
@@ -71,33 +71,25 @@ pub(crate) struct NllRows;
 
 impl RowLoss for NllRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        Ok(LogProbs::new(&rows.z)?.at(&rows.labels)?.f_neg()?)
+        Ok(rows.log_probs()?.at(&rows.labels)?.f_neg()?)
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let value = lp.at(&rows.labels)?.f_neg()?;
-        let grad = if want_grad {
-            let hot = onehot(&rows.labels, rows.vocab())?.f_to_kind(lp.l.f_kind()?)?;
-            Some(lp.p()?.f_sub(&hot)?)
-        } else {
-            None
-        };
+        let grad = if want_grad { Some(minus_onehot(&lp.p()?, &rows.labels)?) } else { None };
         Ok((value, grad))
     }
 }
 
-/// TRL-named NLL diagnostics: `mean_token_accuracy` (argmax = label) and `entropy` (mean entropy
-/// of the predicted distribution), over the active tokens.
+/// TRL-named NLL diagnostics: `mean_token_accuracy` (argmax = label) over the active tokens.
+///
+/// TRL's `entropy` is not computed: it costs two more passes over `[n, V]` than the loss
+/// itself.
 pub(crate) fn nll_metrics(rows: &Rows, sink: &mut MetricSink) -> Result<()> {
-    let z = rows.z.f_detach()?;
-    let count = z.size()[0] as f64;
-    let lp = LogProbs::new(&z)?;
-    let hit = z.f_argmax(-1, false)?.f_eq_tensor(&rows.labels)?;
-    let entropy = lp.p()?.f_mul(&lp.l_s)?.f_sum(Kind::Double)?.f_neg()?;
-    sink.add("mean_token_accuracy", &hit.f_sum(Kind::Double)?, count)?;
-    sink.add("entropy", &entropy, count)?;
-    Ok(())
+    let count = rows.z.size()[0] as f64;
+    let hit = rows.z.f_argmax(-1, false)?.f_eq_tensor(&rows.labels)?;
+    sink.add("mean_token_accuracy", &hit.f_sum(Kind::Float)?, count)
 }
 
 /// The active mask of the NLL family: `label ≠ ignore_index ∧ loss_mask`.
@@ -148,7 +140,7 @@ fn prepare_nll(
 ///
 /// # Metrics
 ///
-/// `mean_token_accuracy` and `entropy` (TRL's SFT names), over the active tokens.
+/// `mean_token_accuracy` (TRL's SFT name), over the active tokens.
 ///
 /// # Shapes
 ///
@@ -186,9 +178,9 @@ pub fn nll_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "nll_loss";
     let prep = prepare_nll(OP, logits, labels, loss_mask, cfg)?;
-    let row_loss = eval_rows(&NllRows, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| nll_metrics(&prep.rows, &mut sink))?;
+    let row_loss =
+        eval_rows(&NllRows, &prep.rows, cfg.backend, &mut |rows, _| nll_metrics(rows, &mut sink))?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }

@@ -158,7 +158,7 @@ impl RefKlRows {
         let has_ex = rows.labels.f_ge(0)?;
         let ex_ids = rows.labels.f_clamp_min(0)?;
         let hot = onehot(&ex_ids, rows.vocab())?.f_logical_and(&has_ex.f_unsqueeze(1)?)?;
-        let logt = ref_log_target(rows.zo()?, &lp.fin, Some(&hot))?;
+        let logt = ref_log_target(rows.zo()?, lp, Some(&hot))?;
         let logt = if self.eps > 0.0 { smooth(&logt, lp, self.eps)? } else { logt };
         Ok(logt.f_detach()?)
     }
@@ -166,26 +166,26 @@ impl RefKlRows {
 
 impl RowLoss for RefKlRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let lp = LogProbs::new(&rows.z)?;
-        let logt = self.target(rows, &lp)?;
+        let lp = rows.log_probs()?;
+        let logt = self.target(rows, lp)?;
         match self.direction {
-            KlDirection::Forward => ce_value(&lp, &logt, self.value == KlValue::Divergence),
-            KlDirection::Reverse => rkl_value(&lp, &logt),
+            KlDirection::Forward => ce_value(lp, &logt, self.value == KlValue::Divergence),
+            KlDirection::Reverse => rkl_value(lp, &logt),
         }
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
-        let logt = self.target(rows, &lp)?;
+        let lp = rows.log_probs()?;
+        let logt = self.target(rows, lp)?;
         let p = lp.p()?;
         match self.direction {
             KlDirection::Forward => {
-                let v = ce_value(&lp, &logt, self.value == KlValue::Divergence)?;
+                let v = ce_value(lp, &logt, self.value == KlValue::Divergence)?;
                 Ok((v, if want_grad { Some(ce_grad(&p, &logt)?) } else { None }))
             }
             KlDirection::Reverse => {
-                let v = rkl_value(&lp, &logt)?;
-                let g = if want_grad { Some(rkl_grad(&lp, &p, &logt, &v)?) } else { None };
+                let v = rkl_value(lp, &logt)?;
+                let g = if want_grad { Some(rkl_grad(lp, &p, &logt, &v)?) } else { None };
                 Ok((v, g))
             }
         }
@@ -284,17 +284,12 @@ pub fn reference_kl_loss(
     let prep = super::common::Prepared { dims, sel, rows, count };
     let rows_loss =
         RefKlRows { direction: cfg.direction, value: cfg.value, eps: cfg.smoothing_eps };
-    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| -> Result<()> {
-        let rows = &prep.rows;
-        let z = rows.z.f_detach()?;
-        let lp = LogProbs::new(&z)?;
-        let logt = rows_loss.target(rows, &lp)?;
-        let agree = z.f_argmax(-1, false)?.f_eq_tensor(&logt.f_argmax(-1, false)?)?;
-        sink.add("kl", &row_loss.f_sum(Kind::Double)?, count as f64)?;
-        sink.add("ref_kl/top1_agreement", &agree.f_sum(Kind::Double)?, count as f64)?;
-        Ok(())
+    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, values| {
+        let logt = rows_loss.target(rows, rows.log_probs()?)?;
+        let agree = rows.z.f_argmax(-1, false)?.f_eq_tensor(&logt.f_argmax(-1, false)?)?;
+        sink.add("kl", &values.f_sum(None::<Kind>)?, count as f64)?;
+        sink.add("ref_kl/top1_agreement", &agree.f_sum(Kind::Float)?, count as f64)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)

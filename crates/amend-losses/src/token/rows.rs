@@ -11,6 +11,8 @@
 //! This is the seam where a fused CPU kernel plugs in: it computes the same `(ℓ, G)` as
 //! [`RowLoss::closed_form`] for f32 rows.
 
+use std::cell::OnceCell;
+
 use tch::{Kind, Tensor};
 
 use super::common::TokenBackend;
@@ -39,12 +41,72 @@ pub(crate) struct Rows {
     pub neg: Option<Tensor>,
     /// Unlikelihood candidates.
     pub cand: Option<CandidateList>,
+    /// Every entry of `z` is known to be finite (no `−inf` vocabulary mask), so support masks
+    /// can be skipped.
+    pub all_finite: bool,
+    /// `log_softmax(z)`, computed once and shared by the loss and its metrics.
+    lp: OnceCell<LogProbs>,
+    /// Reference parts (see [`Rows::ref_parts`]), computed once.
+    ref_parts: OnceCell<RefParts>,
+}
+
+/// The reference logits restricted to the support of `z`, with their log-sum-exp and the
+/// log-sum-exp without the row's label (all detached).
+pub(crate) struct RefParts {
+    /// `z°` with `−inf` outside the support of `z` `[n, V]`.
+    pub zo_r: Tensor,
+    /// `LSE(z°_r)` `[n]`.
+    pub lse: Tensor,
+    /// `LSE_{v≠y}(z°_r)` `[n]` (the masked log-sum-exp; never `log(1 − p°_y)`).
+    pub lse_not_y: Tensor,
+    /// One-hot of the labels `[n, V]` bool.
+    pub hot: Tensor,
 }
 
 impl Rows {
+    /// Rows without weights or candidates.
+    pub(crate) fn new(z: Tensor, zo: Option<Tensor>, labels: Tensor) -> Rows {
+        Rows {
+            z,
+            zo,
+            labels,
+            neg: None,
+            cand: None,
+            all_finite: false,
+            lp: OnceCell::new(),
+            ref_parts: OnceCell::new(),
+        }
+    }
+
+    /// The reference parts of these rows (computed on first use).
+    pub(crate) fn ref_parts(&self) -> Result<&RefParts> {
+        if let Some(parts) = self.ref_parts.get() {
+            return Ok(parts);
+        }
+        let lp = self.log_probs()?;
+        let hot = onehot(&self.labels, self.vocab())?;
+        let zo_r =
+            self.zo()?.f_detach()?.f_masked_fill(&lp.fin()?.f_logical_not()?, f64::NEG_INFINITY)?;
+        let lse = zo_r.f_logsumexp(-1, false)?;
+        let lse_not_y = zo_r.f_masked_fill(&hot, f64::NEG_INFINITY)?.f_logsumexp(-1, false)?;
+        Ok(self.ref_parts.get_or_init(|| RefParts { zo_r, lse, lse_not_y, hot }))
+    }
+
+    /// `log_softmax(z)` and the support of `z` (computed on first use).
+    pub(crate) fn log_probs(&self) -> Result<&LogProbs> {
+        if let Some(lp) = self.lp.get() {
+            return Ok(lp);
+        }
+        let lp = LogProbs::new(&self.z, self.all_finite)?;
+        Ok(self.lp.get_or_init(|| lp))
+    }
+
     /// The same rows with `z` replaced.
     pub(crate) fn with_z(&self, z: Tensor) -> Rows {
         Rows {
+            lp: OnceCell::new(),
+            ref_parts: OnceCell::new(),
+            all_finite: self.all_finite,
             z,
             zo: self.zo.as_ref().map(Tensor::shallow_clone),
             labels: self.labels.shallow_clone(),
@@ -99,20 +161,30 @@ pub(crate) trait RowLoss {
 }
 
 /// Token losses `[n]` of `loss` on `rows`, carrying the gradient to `rows.z` by the chosen path.
-/// Nothing is differentiated when `rows.z` does not require grad.
-pub(crate) fn eval_rows(loss: &dyn RowLoss, rows: &Rows, backend: TokenBackend) -> Result<Tensor> {
+/// Nothing is differentiated when `rows.z` does not require grad. `metrics` is called (under
+/// `no_grad`) with the rows the loss was evaluated on, so it can reuse their log-probabilities,
+/// and the detached token losses.
+pub(crate) fn eval_rows(
+    loss: &dyn RowLoss,
+    rows: &Rows,
+    backend: TokenBackend,
+    metrics: &mut dyn FnMut(&Rows, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
     let needs_grad = rows.z.requires_grad();
     if backend.closed_form() {
         let detached = rows.with_z(rows.z.f_detach()?);
         let (value, grad) = tch::no_grad(|| loss.closed_form(&detached, needs_grad))?;
+        tch::no_grad(|| metrics(&detached, &value))?;
         match grad {
-            Some(grad) if needs_grad => inject(&rows.z, &value, &grad),
+            Some(grad) if needs_grad => inject(&rows.z, &value, &grad, rows.all_finite),
             _ => Ok(value),
         }
-    } else if needs_grad {
-        loss.composite(rows)
     } else {
-        tch::no_grad(|| loss.composite(rows))
+        let value =
+            if needs_grad { loss.composite(rows)? } else { tch::no_grad(|| loss.composite(rows))? };
+        let detached = value.f_detach()?;
+        tch::no_grad(|| metrics(rows, &detached))?;
+        Ok(value)
     }
 }
 
@@ -146,11 +218,17 @@ pub(crate) fn row_loss_and_grad(
 }
 
 /// Injects a precomputed gradient: returns `value + (s − s.detach())` with
-/// `s_r = ⟨G_r, ẑ_r⟩`, `ẑ = where(isfinite(z), z, 0)`. The value is `value` exactly (`s − s` is
-/// exactly 0) and `∂out_r/∂z_r = G_r`, under any upstream gradient.
-pub(crate) fn inject(z: &Tensor, value: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let finite = z.f_isfinite()?;
-    let zs = z.f_where_scalarother(&finite, 0.0)?;
+/// `s_r = ⟨G_r, ẑ_r⟩`, `ẑ = where(isfinite(z), z, 0)` (`ẑ = z` when `z` is known to be finite).
+/// The value is `value` exactly (`s − s` is exactly 0) and `∂out_r/∂z_r = G_r`, under any
+/// upstream gradient.
+pub(crate) fn inject(
+    z: &Tensor,
+    value: &Tensor,
+    grad: &Tensor,
+    all_finite: bool,
+) -> Result<Tensor> {
+    let zs =
+        if all_finite { z.shallow_clone() } else { z.f_where_scalarother(&z.f_isfinite()?, 0.0)? };
     let s = grad.f_unsqueeze(1)?.f_bmm(&zs.f_unsqueeze(2)?)?.f_reshape([-1])?;
     Ok(value.f_add(&s.f_sub(&s.f_detach()?)?)?)
 }
@@ -159,18 +237,61 @@ pub(crate) fn inject(z: &Tensor, value: &Tensor, grad: &Tensor) -> Result<Tensor
 pub(crate) struct LogProbs {
     /// `l = log_softmax(z)` `[n, V]` (`−inf` outside the support).
     pub l: Tensor,
-    /// `l` with entries outside the support replaced by 0 (safe under autograd).
-    pub l_s: Tensor,
-    /// Support `z_v ≠ −inf` `[n, V]` bool (detached; NaN counts as supported so it propagates).
-    pub fin: Tensor,
+    z: Tensor,
+    all_finite: bool,
+    fin: OnceCell<Tensor>,
+    l_s: OnceCell<Tensor>,
 }
 
 impl LogProbs {
-    pub(crate) fn new(z: &Tensor) -> Result<Self> {
+    /// `log_softmax(z)`; `all_finite` says that `z` is known to have no `−inf` entry.
+    pub(crate) fn new(z: &Tensor, all_finite: bool) -> Result<Self> {
         let l = z.f_log_softmax(-1, None::<Kind>)?;
-        let fin = z.f_detach()?.f_ne(f64::NEG_INFINITY)?;
-        let l_s = l.f_where_scalarother(&fin, 0.0)?;
-        Ok(LogProbs { l, l_s, fin })
+        Ok(LogProbs { l, z: z.f_detach()?, all_finite, fin: OnceCell::new(), l_s: OnceCell::new() })
+    }
+
+    /// Whether every logit is finite (then the support is the whole row).
+    pub(crate) fn all_finite(&self) -> bool {
+        self.all_finite
+    }
+
+    /// Support `z_v ≠ −inf` `[n, V]` bool (detached; NaN counts as supported so it propagates).
+    pub(crate) fn fin(&self) -> Result<&Tensor> {
+        if let Some(fin) = self.fin.get() {
+            return Ok(fin);
+        }
+        let fin = self.z.f_ne(f64::NEG_INFINITY)?;
+        Ok(self.fin.get_or_init(|| fin))
+    }
+
+    /// `l` with entries outside the support replaced by 0 (safe under autograd).
+    pub(crate) fn l_s(&self) -> Result<&Tensor> {
+        if let Some(l_s) = self.l_s.get() {
+            return Ok(l_s);
+        }
+        let l_s = if self.all_finite {
+            self.l.shallow_clone()
+        } else {
+            self.l.f_where_scalarother(self.fin()?, 0.0)?
+        };
+        Ok(self.l_s.get_or_init(|| l_s))
+    }
+
+    /// `x` (detached) with `−inf` outside the support.
+    pub(crate) fn restrict(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.f_detach()?;
+        if self.all_finite {
+            return Ok(x);
+        }
+        Ok(x.f_masked_fill(&self.fin()?.f_logical_not()?, f64::NEG_INFINITY)?)
+    }
+
+    /// `x` with entries outside the support replaced by 0.
+    pub(crate) fn zero_outside(&self, x: &Tensor) -> Result<Tensor> {
+        if self.all_finite {
+            return Ok(x.shallow_clone());
+        }
+        Ok(x.f_where_scalarother(self.fin()?, 0.0)?)
     }
 
     /// `p = exp(l)` (exactly 0 outside the support).
@@ -185,13 +306,27 @@ impl LogProbs {
 
     /// Number of supported tokens per row, `V'` `[n, 1]` in `kind`.
     pub(crate) fn vprime(&self, kind: Kind) -> Result<Tensor> {
-        Ok(self.fin.f_sum_dim_intlist(-1, true, kind)?)
+        if self.all_finite {
+            let size = self.z.size();
+            let (n, v) = (size[0], size.get(1).copied().unwrap_or(0));
+            return Ok(Tensor::f_full([n, 1], v, (kind, self.z.device()))?);
+        }
+        Ok(self.fin()?.f_sum_dim_intlist(-1, true, kind)?)
     }
+}
+
+/// `p − e_y` for labels `[n]` (one pass; no one-hot tensor).
+pub(crate) fn minus_onehot(p: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let idx = labels.f_unsqueeze(1)?;
+    let minus_one = Tensor::f_full([idx.size()[0], 1], -1.0, (p.f_kind()?, p.device()))?;
+    Ok(p.f_scatter_add(1, &idx, &minus_one)?)
 }
 
 /// One-hot `[n, V]` bool of `labels [n]`.
 pub(crate) fn onehot(labels: &Tensor, vocab: i64) -> Result<Tensor> {
-    Ok(labels.f_one_hot(vocab)?.f_to_kind(Kind::Bool)?)
+    let n = labels.size().first().copied().unwrap_or(0);
+    let zeros = Tensor::f_zeros([n, vocab], (Kind::Bool, labels.device()))?;
+    Ok(zeros.f_scatter_value(1, &labels.f_unsqueeze(1)?, 1)?)
 }
 
 /// Reference target log-probabilities over the support of the current row, optionally with one
@@ -199,14 +334,13 @@ pub(crate) fn onehot(labels: &Tensor, vocab: i64) -> Result<Tensor> {
 /// elsewhere (detached).
 pub(crate) fn ref_log_target(
     zo: &Tensor,
-    fin: &Tensor,
+    lp: &LogProbs,
     exclude: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mut drop = fin.f_logical_not()?;
+    let mut zm = lp.restrict(zo)?;
     if let Some(ex) = exclude {
-        drop = drop.f_logical_or(ex)?;
+        zm = zm.f_masked_fill(ex, f64::NEG_INFINITY)?;
     }
-    let zm = zo.f_detach()?.f_masked_fill(&drop, f64::NEG_INFINITY)?;
     Ok(zm.f_sub(&zm.f_logsumexp(-1, true)?)?)
 }
 
@@ -222,8 +356,18 @@ pub(crate) fn smooth(logu: &Tensor, lp: &LogProbs, eps: f64) -> Result<Tensor> {
     let kind = logu.f_kind()?;
     let log_eps = Tensor::f_full_like(logu, eps.ln())?;
     let norm = lp.vprime(kind)?.f_mul_scalar(eps)?.f_log1p()?;
-    let mixed = logu.f_logaddexp(&log_eps)?.f_where_self(&lp.fin, logu)?;
+    let mixed = logu.f_logaddexp(&log_eps)?;
+    let mixed = if lp.all_finite() { mixed } else { mixed.f_where_self(lp.fin()?, logu)? };
     Ok(mixed.f_sub(&norm)?)
+}
+
+/// `KL(t ‖ p) = Σ_{t>0} t (log t − log p)` per row for a target restricted to the support of
+/// `p`: a cheaper evaluation for metrics (detached only), which maps `log t = −inf` to a huge
+/// negative finite value instead of selecting (`exp` of it is exactly 0).
+pub(crate) fn kl_metric(lp: &LogProbs, logt: &Tensor) -> Result<Tensor> {
+    let logt = logt.f_clamp_min(-1e30)?;
+    let diff = logt.f_sub(lp.l_s()?)?;
+    Ok(logt.f_exp()?.f_mul(&diff)?.f_sum_dim_intlist(-1, false, None::<Kind>)?)
 }
 
 /// `logt` with `−inf` replaced by 0 (for `t · log t` terms, whose weight is then 0).
@@ -238,8 +382,13 @@ fn finite_or_zero(logt: &Tensor) -> Result<Tensor> {
 pub(crate) fn ce_value(lp: &LogProbs, logt: &Tensor, divergence: bool) -> Result<Tensor> {
     let t = logt.f_exp()?;
     let kind = lp.l.f_kind()?;
-    let has_mass = logt.f_isneginf()?.f_logical_not()?;
-    let l_t = lp.l.f_where_scalarother(&has_mass, 0.0)?;
+    // Terms with t_v = 0 are skipped by selection (l_v may be −inf there); with a finite row
+    // every l_v is finite and 0 · l_v = 0 needs no selection.
+    let l_t = if lp.all_finite() {
+        lp.l.shallow_clone()
+    } else {
+        lp.l.f_where_scalarother(&logt.f_isneginf()?.f_logical_not()?, 0.0)?
+    };
     if divergence {
         let diff = finite_or_zero(logt)?.f_sub(&l_t)?;
         Ok(t.f_mul(&diff)?.f_sum_dim_intlist(-1, false, kind)?)
@@ -257,15 +406,15 @@ pub(crate) fn ce_grad(p: &Tensor, logt: &Tensor) -> Result<Tensor> {
 /// A target with `d_v = 0` where `p_v > 0` gives `+inf`.
 pub(crate) fn rkl_value(lp: &LogProbs, logd: &Tensor) -> Result<Tensor> {
     let kind = lp.l.f_kind()?;
-    let logd_s = logd.f_where_scalarother(&lp.fin, 0.0)?;
-    let diff = lp.l_s.f_sub(&logd_s)?;
+    let logd_s = lp.zero_outside(logd)?;
+    let diff = lp.l_s()?.f_sub(&logd_s)?;
     Ok(lp.p()?.f_mul(&diff)?.f_sum_dim_intlist(-1, false, kind)?)
 }
 
 /// Gradient of [`rkl_value`] given its value `value [n]`: `p ⊙ (l − log d − L)` (0 off the support).
 pub(crate) fn rkl_grad(lp: &LogProbs, p: &Tensor, logd: &Tensor, value: &Tensor) -> Result<Tensor> {
-    let logd_s = logd.f_where_scalarother(&lp.fin, 0.0)?;
-    let inner = lp.l_s.f_sub(&logd_s)?.f_sub(&value.f_unsqueeze(1)?)?;
+    let logd_s = lp.zero_outside(logd)?;
+    let inner = lp.l_s()?.f_sub(&logd_s)?.f_sub(&value.f_unsqueeze(1)?)?;
     Ok(p.f_mul(&inner)?)
 }
 
@@ -292,11 +441,17 @@ pub(crate) fn log1m_p(lp: &LogProbs, z: &Tensor, cand: &CandidateList) -> Result
     let d = z.f_detach()?.f_argmax(-1, false)?;
     let hot_d = onehot(&d, vocab)?;
     let lm = lp.l.f_masked_fill(&hot_d, f64::NEG_INFINITY)?;
-    let has_other = lp.fin.f_logical_and(&hot_d.f_logical_not()?)?.f_any_dim(-1, true)?;
-    let lm_safe = lm.f_where_scalarother(&has_other, 0.0)?;
-    let lam_d = lm_safe
-        .f_logsumexp(-1, false)?
-        .f_where_scalarother(&has_other.f_squeeze_dim(1)?, f64::NEG_INFINITY)?;
+    let lam_d = if lp.all_finite() {
+        // V ≥ 2 finite tokens: every row has a token besides d.
+        lm.f_logsumexp(-1, false)?
+    } else {
+        // A row whose only supported token is d has λ_d = −inf; its masked row is replaced by
+        // zeros so the log-sum-exp backward stays finite.
+        let has_other = lp.fin()?.f_logical_and(&hot_d.f_logical_not()?)?.f_any_dim(-1, true)?;
+        lm.f_where_scalarother(&has_other, 0.0)?
+            .f_logsumexp(-1, false)?
+            .f_where_scalarother(&has_other.f_squeeze_dim(1)?, f64::NEG_INFINITY)?
+    };
     let l_c = lp.l.f_gather(1, &cand.ids, false)?;
     let is_d = cand.ids.f_eq_tensor(&d.f_unsqueeze(1)?)?.f_logical_and(&cand.valid)?;
     let use_b = is_d.f_logical_and(&l_c.f_detach()?.f_gt(-LN2)?)?;

@@ -13,10 +13,10 @@ use tch::{Kind, Tensor};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Prepared, RowSelection, TokenBackend, as_ids, as_mask, check_bt,
-    check_logits, check_reduction, check_shape, count_and_check_ids, finish, masked_sum,
-    select_rows, token_losses,
+    check_logits, check_reduction, check_shape, count_and_check_ids, finish, select_rows,
+    token_losses,
 };
-use super::rows::{LogProbs, RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad};
+use super::rows::{RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad};
 use super::ul_annotated::label_candidates;
 use crate::{Error, LossOutput, Reduction, Result};
 
@@ -199,19 +199,19 @@ pub(crate) struct SeqUlRows;
 
 impl RowLoss for SeqUlRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let all = rows.labels.f_ones_like()?.f_to_kind(Kind::Bool)?;
         let cand = label_candidates(rows, &all)?;
-        Ok(log1m_p(&lp, &rows.z, &cand)?.lam.f_squeeze_dim(1)?.f_neg()?)
+        Ok(log1m_p(lp, &rows.z, &cand)?.lam.f_squeeze_dim(1)?.f_neg()?)
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let all = rows.labels.f_ones_like()?.f_to_kind(Kind::Bool)?;
         let cand = label_candidates(rows, &all)?;
-        let lm = log1m_p(&lp, &rows.z, &cand)?;
+        let lm = log1m_p(lp, &rows.z, &cand)?;
         let value = lm.lam.f_squeeze_dim(1)?.f_neg()?;
-        let grad = if want_grad { Some(neg_log1m_grad(&lp, &lp.p()?, &cand, &lm)?) } else { None };
+        let grad = if want_grad { Some(neg_log1m_grad(lp, &lp.p()?, &cand, &lm)?) } else { None };
         Ok((value, grad))
     }
 }
@@ -297,14 +297,11 @@ pub fn sequence_ul_loss(
     let sel = RowSelection::new(&penalised, n_pen)?;
     let rows = select_rows(OP, &sel, dims, kind, logits, None, &tokens, cfg.non_finite)?;
     let prep = Prepared { dims, sel, rows, count };
-    let row_loss = eval_rows(&SeqUlRows, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| -> Result<()> {
-        let p_y = LogProbs::new(&prep.rows.z.f_detach()?)?.at(&prep.rows.labels)?.f_exp()?;
-        sink.add_value("seq_ul/repeat_fraction", n_pen as f64, count as f64)?;
-        let all = p_y.f_ones_like()?.f_to_kind(Kind::Bool)?;
-        sink.add("seq_ul/repeat_mass", &masked_sum(&p_y, &all)?, n_pen as f64)?;
-        Ok(())
+    sink.add_value("seq_ul/repeat_fraction", n_pen as f64, count as f64)?;
+    let row_loss = eval_rows(&SeqUlRows, &prep.rows, cfg.backend, &mut |rows, _| {
+        let p_y = rows.log_probs()?.at(&rows.labels)?.f_exp()?;
+        sink.add("seq_ul/repeat_mass", &p_y.f_sum(None::<Kind>)?, n_pen as f64)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, count, cfg.reduction, sink.finish()?)

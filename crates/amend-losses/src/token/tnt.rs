@@ -12,8 +12,8 @@ use super::common::{
     masked_sum, prepare_weighted, token_losses,
 };
 use super::rows::{
-    LogProbs, RowLoss, Rows, ce_grad, ce_value, eval_rows, label_log_target, onehot,
-    ref_log_target, rkl_grad, rkl_value, select_scalar, smooth,
+    LogProbs, RefParts, RowLoss, Rows, ce_grad, ce_value, eval_rows, kl_metric, label_log_target,
+    rkl_grad, rkl_value, select_scalar, smooth,
 };
 use super::weights::TokenWeights;
 use crate::{Error, LossOutput, Reduction, Result};
@@ -211,20 +211,20 @@ pub(crate) struct TntRows {
 impl TntRows {
     /// Per-row target log-probabilities `[n, V]` (constants) for `rows`.
     fn target(&self, rows: &Rows, lp: &LogProbs) -> Result<Tensor> {
-        let hot = onehot(&rows.labels, rows.vocab())?;
-        let zo = rows.zo()?;
-        let neg = rows.neg()?.f_unsqueeze(1)?;
-        let tneg = ref_log_target(zo, &lp.fin, Some(&hot))?;
-        let tpos = match self.variant {
-            TntVariant::Ff | TntVariant::Rr | TntVariant::Rf => ref_log_target(zo, &lp.fin, None)?,
-            TntVariant::Fll | TntVariant::Rll => label_log_target(&hot, zo)?,
+        let neg = rows.neg()?;
+        let neg2 = neg.f_unsqueeze(1)?;
+        let RefParts { zo_r, lse_not_y, hot, .. } = rows.ref_parts()?;
+        let logt = match self.variant {
+            TntVariant::Ff | TntVariant::Rr | TntVariant::Rf => ideal_target(rows)?,
+            TntVariant::Fll | TntVariant::Rll => {
+                let logq = zo_r
+                    .f_sub(&lse_not_y.f_unsqueeze(1)?)?
+                    .f_masked_fill(hot, f64::NEG_INFINITY)?;
+                logq.f_where_self(&neg2, &label_log_target(hot, zo_r)?)?
+            }
         };
-        let (tneg, tpos) = if self.variant.uses_smoothing() {
-            (smooth(&tneg, lp, self.eps)?, smooth(&tpos, lp, self.eps)?)
-        } else {
-            (tneg, tpos)
-        };
-        Ok(tneg.f_where_self(&neg, &tpos)?.f_detach()?)
+        let logt = if self.variant.uses_smoothing() { smooth(&logt, lp, self.eps)? } else { logt };
+        Ok(logt.f_detach()?)
     }
 
     fn scale(&self, rows: &Rows) -> Result<Tensor> {
@@ -234,40 +234,40 @@ impl TntRows {
 
 impl RowLoss for TntRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let lp = LogProbs::new(&rows.z)?;
-        let logt = self.target(rows, &lp)?;
+        let lp = rows.log_probs()?;
+        let logt = self.target(rows, lp)?;
         let value = match self.variant {
-            TntVariant::Ff | TntVariant::Fll => ce_value(&lp, &logt, false)?,
-            TntVariant::Rr => rkl_value(&lp, &logt)?,
+            TntVariant::Ff | TntVariant::Fll => ce_value(lp, &logt, false)?,
+            TntVariant::Rr => rkl_value(lp, &logt)?,
             TntVariant::Rf | TntVariant::Rll => {
-                rkl_value(&lp, &logt)?.f_where_self(rows.neg()?, &ce_value(&lp, &logt, false)?)?
+                rkl_value(lp, &logt)?.f_where_self(rows.neg()?, &ce_value(lp, &logt, false)?)?
             }
         };
         Ok(value.f_mul(&self.scale(rows)?)?)
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
-        let logt = self.target(rows, &lp)?;
+        let lp = rows.log_probs()?;
+        let logt = self.target(rows, lp)?;
         let scale = self.scale(rows)?;
         let p = lp.p()?;
         let (value, grad) = match self.variant {
             TntVariant::Ff | TntVariant::Fll => {
-                let v = ce_value(&lp, &logt, false)?;
+                let v = ce_value(lp, &logt, false)?;
                 let g = if want_grad { Some(ce_grad(&p, &logt)?) } else { None };
                 (v, g)
             }
             TntVariant::Rr => {
-                let v = rkl_value(&lp, &logt)?;
-                let g = if want_grad { Some(rkl_grad(&lp, &p, &logt, &v)?) } else { None };
+                let v = rkl_value(lp, &logt)?;
+                let g = if want_grad { Some(rkl_grad(lp, &p, &logt, &v)?) } else { None };
                 (v, g)
             }
             TntVariant::Rf | TntVariant::Rll => {
                 let neg = rows.neg()?;
-                let rkl = rkl_value(&lp, &logt)?;
-                let ce = ce_value(&lp, &logt, false)?;
+                let rkl = rkl_value(lp, &logt)?;
+                let ce = ce_value(lp, &logt, false)?;
                 let g = if want_grad {
-                    let g_rkl = rkl_grad(&lp, &p, &logt, &rkl)?;
+                    let g_rkl = rkl_grad(lp, &p, &logt, &rkl)?;
                     Some(g_rkl.f_where_self(&neg.f_unsqueeze(1)?, &ce_grad(&p, &logt)?)?)
                 } else {
                     None
@@ -283,33 +283,41 @@ impl RowLoss for TntRows {
     }
 }
 
-/// TNT diagnostics on detached rows (see [`tnt_loss`] for the list).
+/// The ideal (unsmoothed) per-row target: `q` (p° without y, renormalised by the masked
+/// log-sum-exp) on negative rows, `p°` on positive rows; over the support of `z`.
+fn ideal_target(rows: &Rows) -> Result<Tensor> {
+    let neg = rows.neg()?;
+    let RefParts { zo_r, lse, lse_not_y, hot } = rows.ref_parts()?;
+    let norm = lse_not_y.f_where_self(neg, lse)?.f_unsqueeze(1)?;
+    Ok(zo_r
+        .f_sub(&norm)?
+        .f_masked_fill(&hot.f_logical_and(&neg.f_unsqueeze(1)?)?, f64::NEG_INFINITY)?)
+}
+
+/// TNT diagnostics (see [`tnt_loss`] for the list), from the rows' cached log-probabilities and
+/// reference parts.
 pub(crate) fn tnt_metrics(rows: &Rows, row_loss: &Tensor, sink: &mut MetricSink) -> Result<()> {
-    let z = rows.z.f_detach()?;
-    let lp = LogProbs::new(&z)?;
-    let zo = rows.zo()?;
-    let hot = onehot(&rows.labels, rows.vocab())?;
+    let lp = rows.log_probs()?;
     let neg = rows.neg()?;
     let pos = neg.f_logical_not()?;
-    let n_neg = neg.f_sum(Kind::Double)?;
-    let n_pos = pos.f_sum(Kind::Double)?;
-    let log_ref = ref_log_target(zo, &lp.fin, None)?;
-    let log_q = ref_log_target(zo, &lp.fin, Some(&hot))?;
+    let n_neg = neg.f_sum(Kind::Float)?;
+    let n_pos = pos.f_sum(Kind::Float)?;
+    let RefParts { zo_r, lse, .. } = rows.ref_parts()?;
+    let kl = kl_metric(lp, &ideal_target(rows)?)?;
     let labels = rows.labels.f_unsqueeze(1)?;
     let p_y = lp.at(&rows.labels)?.f_exp()?;
-    let ref_p_y = log_ref.f_gather(1, &labels, false)?.f_squeeze_dim(1)?.f_exp()?;
-    let argmax = z.f_argmax(-1, false)?;
-    let top1 = argmax.f_eq_tensor(&rows.labels)?.f_to_kind(Kind::Double)?;
-    let agree = argmax.f_eq_tensor(&log_ref.f_argmax(-1, false)?)?.f_to_kind(Kind::Double)?;
+    let ref_p_y = zo_r.f_gather(1, &labels, false)?.f_squeeze_dim(1)?.f_sub(lse)?.f_exp()?;
+    let argmax = rows.z.f_argmax(-1, false)?;
+    let top1 = argmax.f_eq_tensor(&rows.labels)?.f_to_kind(Kind::Float)?;
+    let agree = argmax.f_eq_tensor(&zo_r.f_argmax(-1, false)?)?.f_to_kind(Kind::Float)?;
     sink.add_counted("tnt/neg_mass", &masked_sum(&p_y, neg)?, &n_neg)?;
     sink.add_counted("tnt/ref_neg_mass", &masked_sum(&ref_p_y, neg)?, &n_neg)?;
     sink.add_counted("tnt/neg_top1", &masked_sum(&top1, neg)?, &n_neg)?;
-    sink.add_counted("tnt/neg_kl", &masked_sum(&ce_value(&lp, &log_q, true)?, neg)?, &n_neg)?;
-    sink.add_counted("tnt/pos_kl", &masked_sum(&ce_value(&lp, &log_ref, true)?, &pos)?, &n_pos)?;
+    sink.add_counted("tnt/neg_kl", &masked_sum(&kl, neg)?, &n_neg)?;
+    sink.add_counted("tnt/pos_kl", &masked_sum(&kl, &pos)?, &n_pos)?;
     sink.add_counted("tnt/pos_top1_agreement", &masked_sum(&agree, &pos)?, &n_pos)?;
-    let row_loss = row_loss.f_detach()?;
-    sink.add_counted("tnt/neg_loss", &masked_sum(&row_loss, neg)?, &n_neg)?;
-    sink.add_counted("tnt/pos_loss", &masked_sum(&row_loss, &pos)?, &n_pos)?;
+    sink.add_counted("tnt/neg_loss", &masked_sum(row_loss, neg)?, &n_neg)?;
+    sink.add_counted("tnt/pos_loss", &masked_sum(row_loss, &pos)?, &n_pos)?;
     Ok(())
 }
 
@@ -402,9 +410,10 @@ pub fn tnt_loss(
     cfg.validate()?;
     let prep = prepare_weighted(OP, logits, Some(ref_logits), labels, weights, cfg.non_finite)?;
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };
-    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| tnt_metrics(&prep.rows, &row_loss, &mut sink))?;
+    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, values| {
+        tnt_metrics(rows, values, &mut sink)
+    })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }

@@ -10,9 +10,7 @@ use super::common::{
     MetricSink, NonFinitePolicy, TokenBackend, check_nonneg_finite, check_reduction, finish,
     masked_sum, prepare_weighted, token_losses,
 };
-use super::rows::{
-    CandidateList, LogProbs, RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad, onehot,
-};
+use super::rows::{CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad};
 use super::weights::TokenWeights;
 use crate::{LossOutput, Reduction, Result};
 
@@ -85,26 +83,25 @@ pub(crate) struct UlAnnotatedRows {
 
 impl RowLoss for UlAnnotatedRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let neg = rows.neg()?;
         let cand = label_candidates(rows, neg)?;
-        let lam = log1m_p(&lp, &rows.z, &cand)?.lam.f_squeeze_dim(1)?;
+        let lam = log1m_p(lp, &rows.z, &cand)?.lam.f_squeeze_dim(1)?;
         let ul = lam.f_mul_scalar(-self.alpha)?;
         Ok(ul.f_where_self(neg, &lp.at(&rows.labels)?.f_neg()?)?)
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let neg = rows.neg()?;
         let cand = label_candidates(rows, neg)?;
-        let lm = log1m_p(&lp, &rows.z, &cand)?;
+        let lm = log1m_p(lp, &rows.z, &cand)?;
         let ul = lm.lam.f_squeeze_dim(1)?.f_mul_scalar(-self.alpha)?;
         let value = ul.f_where_self(neg, &lp.at(&rows.labels)?.f_neg()?)?;
         let grad = if want_grad {
             let p = lp.p()?;
-            let g_neg = neg_log1m_grad(&lp, &p, &cand, &lm)?.f_mul_scalar(self.alpha)?;
-            let hot = onehot(&rows.labels, rows.vocab())?.f_to_kind(p.f_kind()?)?;
-            let g_pos = p.f_sub(&hot)?;
+            let g_neg = neg_log1m_grad(lp, &p, &cand, &lm)?.f_mul_scalar(self.alpha)?;
+            let g_pos = minus_onehot(&p, &rows.labels)?;
             Some(g_neg.f_where_self(&neg.f_unsqueeze(1)?, &g_pos)?)
         } else {
             None
@@ -166,13 +163,11 @@ pub fn ul_annotated_loss(
     cfg.validate()?;
     let prep = prepare_weighted(OP, logits, None, labels, weights, cfg.non_finite)?;
     let rows_loss = UlAnnotatedRows { alpha: cfg.alpha };
-    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
+    let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
     let mut sink = MetricSink::default();
-    tch::no_grad(|| -> Result<()> {
-        let rows = &prep.rows;
-        let l_y = LogProbs::new(&rows.z.f_detach()?)?.at(&rows.labels)?;
+    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, _| {
+        let l_y = rows.log_probs()?.at(&rows.labels)?;
         let neg = rows.neg()?;
-        let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
         sink.add("ul/neg_mass", &masked_sum(&l_y.f_exp()?, neg)?, n_neg)?;
         sink.add("ul/pos_nll", &masked_sum(&l_y.f_neg()?, &neg.f_logical_not()?)?, n_pos)?;
         Ok(())

@@ -14,7 +14,7 @@ use super::common::{
 };
 use super::nll::nll_metrics;
 use super::rows::{
-    CandidateList, LogProbs, RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad, onehot, row_sum,
+    CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad, row_sum,
 };
 use crate::{Error, LossOutput, Reduction, Result};
 
@@ -203,23 +203,22 @@ pub(crate) struct WelleckRows {
 
 impl RowLoss for WelleckRows {
     fn composite(&self, rows: &Rows) -> Result<Tensor> {
-        let lp = LogProbs::new(&rows.z)?;
-        let lam = log1m_p(&lp, &rows.z, rows.cand()?)?.lam;
+        let lp = rows.log_probs()?;
+        let lam = log1m_p(lp, &rows.z, rows.cand()?)?.lam;
         let nll = lp.at(&rows.labels)?.f_neg()?;
         Ok(nll.f_sub(&row_sum(&lam)?.f_mul_scalar(self.alpha)?)?)
     }
 
     fn closed_form(&self, rows: &Rows, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let lp = LogProbs::new(&rows.z)?;
+        let lp = rows.log_probs()?;
         let cand = rows.cand()?;
-        let lm = log1m_p(&lp, &rows.z, cand)?;
+        let lm = log1m_p(lp, &rows.z, cand)?;
         let nll = lp.at(&rows.labels)?.f_neg()?;
         let value = nll.f_sub(&row_sum(&lm.lam)?.f_mul_scalar(self.alpha)?)?;
         let grad = if want_grad {
             let p = lp.p()?;
-            let hot = onehot(&rows.labels, rows.vocab())?.f_to_kind(p.f_kind()?)?;
-            let g_ul = neg_log1m_grad(&lp, &p, cand, &lm)?;
-            Some(p.f_sub(&hot)?.f_add(&g_ul.f_mul_scalar(self.alpha)?)?)
+            let g_ul = neg_log1m_grad(lp, &p, cand, &lm)?;
+            Some(minus_onehot(&p, &rows.labels)?.f_add(&g_ul.f_mul_scalar(self.alpha)?)?)
         } else {
             None
         };
@@ -284,9 +283,9 @@ fn prepare(
 ///
 /// # Metrics
 ///
-/// `ul/nll` (mean NLL term), `ul/candidate_penalty` (mean `−Σ_c log(1 − p_c)`, without `α`),
-/// `ul/num_candidates` (mean `|C_t|`), `ul/candidate_mass` (mean `Σ_c p_c`),
-/// `mean_token_accuracy`, `entropy`.
+/// `ul/nll` (mean NLL term), `ul/candidate_penalty` (mean `−Σ_c log(1 − p_c)`, without `α`;
+/// absent when `α = 0`), `ul/num_candidates` (mean `|C_t|`), `ul/candidate_mass` (mean
+/// `Σ_c p_c`), `mean_token_accuracy`.
 ///
 /// # Shapes
 ///
@@ -328,20 +327,22 @@ pub fn welleck_ul_loss(
     const OP: &str = "welleck_ul_loss";
     let prep = prepare(OP, logits, labels, loss_mask, candidates, cfg)?;
     let rows_loss = WelleckRows { alpha: cfg.alpha };
-    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend)?;
+    let count = prep.count as f64;
+    let alpha = cfg.alpha;
     let mut sink = MetricSink::default();
-    tch::no_grad(|| -> Result<()> {
-        let rows = &prep.rows;
-        let count = prep.count as f64;
-        let z = rows.z.f_detach()?;
-        let lp = LogProbs::new(&z)?;
+    let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, values| {
+        let lp = rows.log_probs()?;
         let cand = rows.cand()?;
-        let lam = log1m_p(&lp, &z, cand)?.lam;
+        let nll = lp.at(&rows.labels)?.f_neg()?;
         let p_c = lp.p()?.f_gather(1, &cand.ids, false)?.f_where_scalarother(&cand.valid, 0.0)?;
-        sink.add("ul/nll", &lp.at(&rows.labels)?.f_neg()?.f_sum(Kind::Double)?, count)?;
-        sink.add("ul/candidate_penalty", &lam.f_neg()?.f_sum(Kind::Double)?, count)?;
-        sink.add("ul/num_candidates", &cand.valid.f_sum(Kind::Double)?, count)?;
-        sink.add("ul/candidate_mass", &p_c.f_sum(Kind::Double)?, count)?;
+        sink.add("ul/nll", &nll.f_sum(None::<Kind>)?, count)?;
+        if alpha > 0.0 {
+            // The penalty is what the loss adds to the NLL, divided by α (no recomputation).
+            let penalty = values.f_sub(&nll)?.f_sum(None::<Kind>)?.f_div_scalar(alpha)?;
+            sink.add("ul/candidate_penalty", &penalty, count)?;
+        }
+        sink.add("ul/num_candidates", &cand.valid.f_sum(Kind::Float)?, count)?;
+        sink.add("ul/candidate_mass", &p_c.f_sum(None::<Kind>)?, count)?;
         nll_metrics(rows, &mut sink)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
