@@ -33,7 +33,8 @@ pub enum NonFinitePolicy {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum TokenBackend {
-    /// The best implementation for the inputs (currently [`TokenBackend::Composite`]).
+    /// The best implementation for the inputs: [`TokenBackend::Composite`] for losses on
+    /// logits, the closed form for the fused-linear losses (which need the gradient per chunk).
     #[default]
     Auto,
     /// tch autograd over stable composite ops (`log_softmax`, masked log-sum-exp, `where`). The
