@@ -397,3 +397,58 @@ fn fused_linear_rejects_bad_shapes_and_reports_non_finite_positions() {
         "{err}"
     );
 }
+
+#[test]
+fn fused_linear_tnt_accepts_flat_hidden_states_and_empty_batches() -> Result<()> {
+    let p = Params::new(61, Kind::Double, &[N]);
+    let labels = ids(&[3, 4, 8, 0, 5, 2, 1], &[N]);
+    let w_row = TokenWeights::new(&ids(&[1, -1, 0, -1, 1, 1, -1], &[1, N]))?;
+    let ref_logits = p.h.matmul(&p.w.tr());
+    let cfg = TntConfig::new(TntVariant::Rf).with_alpha(2.0);
+    let flat = fused_linear_tnt_loss(
+        &p.h,
+        LinearHead::new(&p.w),
+        Reference::Logits(&ref_logits),
+        &labels,
+        &w_row,
+        &cfg,
+        &FusedLinearOptions::default(),
+    )?;
+    let naive = tnt_loss(
+        &ref_logits.unsqueeze(0),
+        &ref_logits.unsqueeze(0),
+        &labels.unsqueeze(0),
+        &w_row,
+        &cfg,
+    )?;
+    Tol { rel: 1e-10, abs: 1e-12 }.assert_all_close(
+        "flat",
+        &[scalar(&flat.loss)],
+        &[scalar(&naive.loss)],
+    );
+    let w_bad = TokenWeights::new(&ids(&[1, 1, 1, 1, 1, 1], &[2, 3]))?;
+    assert!(
+        fused_linear_tnt_loss(
+            &p.h,
+            LinearHead::new(&p.w),
+            Reference::Logits(&ref_logits),
+            &labels,
+            &w_bad,
+            &cfg,
+            &FusedLinearOptions::default()
+        )
+        .is_err()
+    );
+    // N = 0.
+    let h0 = Tensor::zeros([0, H], (Kind::Double, CPU)).set_requires_grad(true);
+    let out = fused_linear_nll_loss(
+        &h0,
+        LinearHead::new(&p.w),
+        &Tensor::zeros([0], (Kind::Int64, CPU)),
+        None,
+        &NllConfig::default(),
+        &FusedLinearOptions::default(),
+    )?;
+    assert_eq!((scalar(&out.loss), out.count()), (0.0, 0.0));
+    Ok(())
+}

@@ -461,6 +461,7 @@ impl<'a> Problem<'a> {
 /// # Shapes
 ///
 /// * `hidden`: `[N, H]` or `[B, T, H]`; `labels` and `loss_mask`: the leading shape.
+/// * `BatchMean` divides by the leading dimension of `hidden` (`B`, or `N` for `[N, H]`).
 /// * `head.weight`: `[V, H]`, `head.bias`: `[V]`.
 ///
 /// # Errors
@@ -533,7 +534,9 @@ pub fn fused_linear_nll_loss(
 ///
 /// # Shapes
 ///
-/// * `hidden`: `[N, H]` or `[B, T, H]`; `labels` and `weights`: the leading shape.
+/// * `hidden`: `[N, H]` or `[B, T, H]`; `labels`: the leading shape; `weights`: the leading
+///   shape (`[1, N]` or `[N, 1]` for `[N, H]`, since [`TokenWeights`] are 2-D).
+/// * `BatchMean` divides by the leading dimension of `hidden` (`B`, or `N` for `[N, H]`).
 /// * `head.weight`: `[V, H]`; reference: `[.., H°]` with a `[V, H°]` head, or `[.., V]` logits.
 ///
 /// # Errors
@@ -577,14 +580,22 @@ pub fn fused_linear_tnt_loss(
     const OP: &str = "fused_linear_tnt_loss";
     cfg.validate()?;
     let mut problem = Problem::new(OP, hidden, head, Some(reference), labels)?;
-    check_shape(
-        OP,
-        "weights",
-        weights.signs(),
-        &problem.lead,
-        "the leading shape of hidden",
-        hidden.device(),
-    )?;
+    // TokenWeights are [B, T]; with [N, H] hidden states they may be [1, N] or [N, 1].
+    let ws = weights.shape();
+    let n: i64 = problem.lead.iter().product();
+    let fits = ws == problem.lead || (problem.lead.len() == 1 && (ws == [1, n] || ws == [n, 1]));
+    if !fits {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "weights",
+            expected: format!(
+                "the leading shape of hidden {:?} (or [1, N] for [N, H])",
+                problem.lead
+            ),
+            got: ws,
+        });
+    }
+    check_device(OP, "weights", weights.signs(), hidden.device())?;
     problem.neg = Some(weights.signs().f_reshape([-1])?.f_lt(0)?);
     problem.activate(weights.active_mask()?)?;
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };

@@ -154,6 +154,17 @@ impl TokenWeights {
     }
 }
 
+impl Clone for TokenWeights {
+    /// A cheap copy sharing the signs tensor.
+    fn clone(&self) -> Self {
+        TokenWeights {
+            signs: self.signs.shallow_clone(),
+            num_negative: self.num_negative,
+            num_positive: self.num_positive,
+        }
+    }
+}
+
 /// The `count` of the weighted token losses ([`tnt_loss`](super::tnt_loss),
 /// [`nl_loss`](super::nl_loss), [`ul_annotated_loss`](super::ul_annotated_loss)): the number
 /// of positions with `w ≠ 0`. It depends only on the weights, so a trainer can all-reduce it
