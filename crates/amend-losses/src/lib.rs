@@ -20,7 +20,14 @@
 
 mod error;
 mod output;
+pub mod token;
 
 pub use amend_kernels::{Reduction, SumCount};
 pub use error::{Error, Result};
 pub use output::{LossOutput, LossPart, Metrics};
+pub use token::{
+    Candidates, KlDirection, KlValue, NlConfig, NllConfig, NonFinitePolicy, RefKlConfig, SeqUlMask,
+    SequenceUlConfig, TntConfig, TntVariant, TokenBackend, TokenWeights, UlAnnotatedConfig,
+    WelleckUlConfig, conditional_nll_loss, nl_loss, nll_loss, reference_kl_loss, sequence_ul_loss,
+    tnt_loss, ul_annotated_loss, welleck_ul_loss,
+};
