@@ -106,6 +106,32 @@ pub enum Error {
         /// Index of the sequence.
         index: i64,
     },
+    /// Logits at an active position hold NaN or `+inf`, or have no finite entry, and the loss's
+    /// non-finite policy is [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) (the default).
+    #[error(
+        "{op}: `{name}` is not finite at active position {index:?} ({count} such positions); \
+         NaN and +inf are rejected by default (set `non_finite` to `propagate` to let them reach \
+         the loss)"
+    )]
+    NonFiniteLogits {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument (`"logits"`, `"ref_logits"`).
+        name: &'static str,
+        /// Index of the first offending position.
+        index: Vec<i64>,
+        /// Number of offending positions.
+        count: i64,
+    },
+    /// A caller-supplied closure (for example the model step of a generation helper) failed.
+    #[error("{op}: the caller-supplied closure failed")]
+    Callback {
+        /// Operation that called the closure.
+        op: &'static str,
+        /// The closure's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// Any other invalid input, described in words.
     #[error("{op}: invalid input `{name}`: {reason}")]
     InvalidInput {

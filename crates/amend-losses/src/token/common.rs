@@ -1,0 +1,516 @@
+//! Validation, row selection, reductions and metrics shared by the token-level losses.
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::rows::Rows;
+use super::weights::TokenWeights;
+use crate::{Error, LossOutput, LossPart, Metrics, Reduction, Result};
+
+/// What a token-level loss does when the logits at an *active* position hold NaN or `+inf`, or
+/// hold no finite entry at all.
+///
+/// `−inf` entries are always allowed: they remove a token from the row's vocabulary (see the
+/// [module docs](crate::token)). Inactive positions are never inspected, whatever they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum NonFinitePolicy {
+    /// Return [`Error::NonFiniteLogits`] naming the first offending position (the default).
+    /// Costs one pass over the active rows and one device sync.
+    #[default]
+    Error,
+    /// Skip the check: NaN or `+inf` at an active position propagates into that token's loss
+    /// (and its gradient). Use it to avoid the sync on accelerators once inputs are trusted.
+    Propagate,
+}
+
+/// Which implementation computes the token losses and their gradients.
+///
+/// Both implementations give the same values and the same gradients (to 1e-10 relative in f64);
+/// they differ in memory and speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TokenBackend {
+    /// The best implementation for the inputs: [`TokenBackend::Composite`] for losses on
+    /// logits, the closed form for the fused-linear losses (which need the gradient per chunk).
+    #[default]
+    Auto,
+    /// tch autograd over stable composite ops (`log_softmax`, masked log-sum-exp, `where`). The
+    /// reference implementation; keeps several `[n, V]` intermediates alive for the backward pass.
+    Composite,
+    /// Closed-form value and gradient computed in the forward call, then injected into autograd
+    /// through a surrogate (`ℓ.detach() + s − s.detach()` with `s = ⟨G, z⟩` per row). Keeps only
+    /// the gradient `[n, V]` alive; first-order only (no double backward).
+    ClosedForm,
+}
+
+impl TokenBackend {
+    /// Whether the closed-form (gradient-in-forward) path is used.
+    pub(crate) fn closed_form(self) -> bool {
+        matches!(self, TokenBackend::ClosedForm)
+    }
+}
+
+/// `[B, T, V]` sizes of a token-level problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dims {
+    pub b: i64,
+    pub t: i64,
+    pub v: i64,
+}
+
+impl Dims {
+    pub(crate) fn n(self) -> i64 {
+        self.b * self.t
+    }
+}
+
+/// The arithmetic dtype for logits of dtype `kind`, or a dtype error.
+pub(crate) fn compute_kind(op: &'static str, name: &'static str, x: &Tensor) -> Result<Kind> {
+    match x.f_kind()? {
+        Kind::Half | Kind::BFloat16 | Kind::Float => Ok(Kind::Float),
+        Kind::Double => Ok(Kind::Double),
+        got => Err(Error::DtypeMismatch {
+            op,
+            name,
+            expected: "a float dtype (f16, bf16, f32, f64)",
+            got,
+        }),
+    }
+}
+
+/// Checks that `logits` is a float `[B, T, V]` tensor with `V ≥ 2`.
+pub(crate) fn check_logits(op: &'static str, logits: &Tensor) -> Result<(Dims, Kind)> {
+    let size = logits.size();
+    let &[b, t, v] = size.as_slice() else {
+        return Err(Error::ShapeMismatch {
+            op,
+            name: "logits",
+            expected: "[B, T, V]".to_string(),
+            got: size,
+        });
+    };
+    let kind = compute_kind(op, "logits", logits)?;
+    if v < 2 {
+        return Err(Error::VocabTooSmall { op, vocab: v });
+    }
+    Ok((Dims { b, t, v }, kind))
+}
+
+/// Checks that `x` lives on `device`.
+pub(crate) fn check_device(
+    op: &'static str,
+    name: &'static str,
+    x: &Tensor,
+    device: Device,
+) -> Result<()> {
+    let got = x.device();
+    if got != device {
+        return Err(Error::DeviceMismatch { op, name, expected: device, got });
+    }
+    Ok(())
+}
+
+/// Checks that `x` has shape `expected` (described as `words` in the error) and lives on `device`.
+pub(crate) fn check_shape(
+    op: &'static str,
+    name: &'static str,
+    x: &Tensor,
+    expected: &[i64],
+    words: &str,
+    device: Device,
+) -> Result<()> {
+    let got = x.size();
+    if got != expected {
+        return Err(Error::ShapeMismatch {
+            op,
+            name,
+            expected: format!("{words} {expected:?}"),
+            got,
+        });
+    }
+    check_device(op, name, x, device)
+}
+
+/// Checks that `x` is `[B, T]` and on `device`.
+pub(crate) fn check_bt(
+    op: &'static str,
+    name: &'static str,
+    x: &Tensor,
+    dims: Dims,
+    device: Device,
+) -> Result<()> {
+    check_shape(op, name, x, &[dims.b, dims.t], "[B, T] =", device)
+}
+
+fn is_integer(kind: Kind) -> bool {
+    matches!(kind, Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64)
+}
+
+/// Token ids as i64 (any integer dtype is accepted).
+pub(crate) fn as_ids(op: &'static str, name: &'static str, x: &Tensor) -> Result<Tensor> {
+    let kind = x.f_kind()?;
+    if kind == Kind::Int64 {
+        Ok(x.shallow_clone())
+    } else if is_integer(kind) {
+        Ok(x.f_to_kind(Kind::Int64)?)
+    } else {
+        Err(Error::DtypeMismatch {
+            op,
+            name,
+            expected: "an integer dtype (i64 preferred)",
+            got: kind,
+        })
+    }
+}
+
+/// A boolean mask (bool, or an integer dtype read as "non-zero = true").
+pub(crate) fn as_mask(op: &'static str, name: &'static str, x: &Tensor) -> Result<Tensor> {
+    let kind = x.f_kind()?;
+    if kind == Kind::Bool {
+        Ok(x.shallow_clone())
+    } else if is_integer(kind) {
+        Ok(x.f_ne(0)?)
+    } else {
+        Err(Error::DtypeMismatch {
+            op,
+            name,
+            expected: "bool (or an integer 0/1 dtype)",
+            got: kind,
+        })
+    }
+}
+
+/// Row-major multi-index of flat position `flat` in `shape`.
+pub(crate) fn unravel(mut flat: i64, shape: &[i64]) -> Vec<i64> {
+    let mut index = vec![0; shape.len()];
+    for (i, &s) in shape.iter().enumerate().rev() {
+        if s > 0 {
+            index[i] = flat % s;
+            flat /= s;
+        }
+    }
+    index
+}
+
+/// Counts the active entries of `active` and checks that `ids` lies in `[0, vocab)` wherever
+/// `active` holds; one device sync. `ids` and `active` have the same shape.
+pub(crate) fn count_and_check_ids(
+    op: &'static str,
+    name: &'static str,
+    ids: &Tensor,
+    active: &Tensor,
+    vocab: i64,
+) -> Result<i64> {
+    let bad = ids.f_lt(0)?.f_logical_or(&ids.f_ge(vocab)?)?.f_logical_and(active)?;
+    let stats = Tensor::f_stack(&[active.f_sum(Kind::Int64)?, bad.f_sum(Kind::Int64)?], 0)?;
+    let stats = Vec::<i64>::try_from(&stats)?;
+    let (count, nbad) = (stats[0], stats[1]);
+    if nbad > 0 {
+        let flat_bad = bad.f_reshape([-1])?;
+        let first = i64::try_from(&flat_bad.f_nonzero()?.f_get(0)?.f_get(0)?)?;
+        let value = i64::try_from(&ids.f_reshape([-1])?.f_get(first)?)?;
+        return Err(Error::LabelOutOfRange {
+            op,
+            name,
+            value,
+            index: unravel(first, &ids.size()),
+            count: nbad,
+            vocab,
+        });
+    }
+    Ok(count)
+}
+
+/// The rows of a flattened `[N, ...]` problem that a loss evaluates: all of them, or the
+/// positions of an active mask. Inactive rows are never read by any arithmetic.
+pub(crate) struct RowSelection {
+    /// Indices of the selected rows (`None` when every row is selected, so no copy is made).
+    idx: Option<Tensor>,
+    /// Total number of rows `N`.
+    n_total: i64,
+    /// Number of selected rows.
+    n: i64,
+}
+
+impl RowSelection {
+    /// Selects the rows where `active` (any shape, `count` true entries) holds.
+    pub(crate) fn new(active: &Tensor, count: i64) -> Result<Self> {
+        let flat = active.f_reshape([-1])?;
+        let n_total = flat.size()[0];
+        if count == n_total {
+            return Ok(RowSelection { idx: None, n_total, n: count });
+        }
+        let idx = flat.f_nonzero()?.f_reshape([-1])?;
+        Ok(RowSelection { idx: Some(idx), n_total, n: count })
+    }
+
+    /// Number of selected rows.
+    pub(crate) fn len(&self) -> i64 {
+        self.n
+    }
+
+    /// The selected rows of `x` (`[N, ...]`), in order.
+    pub(crate) fn rows(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.idx {
+            None => Ok(x.shallow_clone()),
+            Some(idx) => Ok(x.f_index_select(0, idx)?),
+        }
+    }
+
+    /// Scatters per-row values `[n]` into zeros `[N]` (differentiable in `vals`).
+    pub(crate) fn scatter(&self, vals: &Tensor) -> Result<Tensor> {
+        match &self.idx {
+            None => Ok(vals.shallow_clone()),
+            Some(idx) => {
+                let zeros = Tensor::f_zeros([self.n_total], (vals.f_kind()?, vals.device()))?;
+                Ok(zeros.f_index_add(0, idx, vals)?)
+            }
+        }
+    }
+
+    /// The flat indices (into `N`) of the selected rows `[n]` (i64 on `device`).
+    pub(crate) fn indices(&self, device: Device) -> Result<Tensor> {
+        match &self.idx {
+            None => Ok(Tensor::f_arange(self.n_total, (Kind::Int64, device))?),
+            Some(idx) => Ok(idx.shallow_clone()),
+        }
+    }
+
+    /// The flat index (into `N`) of selected row `r`.
+    pub(crate) fn flat_index(&self, r: i64) -> Result<i64> {
+        match &self.idx {
+            None => Ok(r),
+            Some(idx) => Ok(i64::try_from(&idx.f_get(r)?)?),
+        }
+    }
+}
+
+/// Checks the selected rows `x` `[n, V]` for NaN / `+inf` entries or rows without a finite
+/// entry, per `policy`; one device sync when checking. Returns whether every entry is known to
+/// be finite (no `−inf` either), which lets the row formulas skip their support masks.
+pub(crate) fn check_finite_rows(
+    op: &'static str,
+    name: &'static str,
+    x: &Tensor,
+    to_flat: &dyn Fn(i64) -> Result<i64>,
+    batch_shape: &[i64],
+    policy: NonFinitePolicy,
+) -> Result<bool> {
+    if x.size().first().copied().unwrap_or(0) == 0 {
+        return Ok(true);
+    }
+    if policy == NonFinitePolicy::Propagate {
+        return Ok(false);
+    }
+    // Fast path: a plain row sum (one cheap pass) is finite for every row without NaN, ±inf or
+    // overflow. Only rows whose sum is not finite (−inf vocabulary masks, or real problems) get
+    // the exact test: their max-shifted log-sum-exp is NaN or +inf iff the row holds NaN or
+    // +inf, and −inf iff it has no finite entry.
+    let x = x.f_detach()?;
+    let suspicious = x.f_sum_dim_intlist(-1, false, None::<Kind>)?.f_isfinite()?.f_logical_not()?;
+    let n_suspicious = i64::try_from(&suspicious.f_sum(Kind::Int64)?)?;
+    if n_suspicious == 0 {
+        return Ok(true);
+    }
+    let bad_row = x.f_logsumexp(-1, false)?.f_isfinite()?.f_logical_not()?;
+    let count = i64::try_from(&bad_row.f_sum(Kind::Int64)?)?;
+    if count > 0 {
+        let r = i64::try_from(&bad_row.f_nonzero()?.f_get(0)?.f_get(0)?)?;
+        let flat = to_flat(r)?;
+        return Err(Error::NonFiniteLogits { op, name, index: unravel(flat, batch_shape), count });
+    }
+    Ok(false)
+}
+
+/// Detached scalar metrics gathered as tensors and read back with a single device sync.
+#[derive(Default)]
+pub(crate) struct MetricSink {
+    names: Vec<&'static str>,
+    /// Interleaved `[sum, count]` scalars, as f64 `[1]` tensors.
+    values: Vec<Tensor>,
+}
+
+impl MetricSink {
+    /// Adds metric `name` with a scalar `sum` tensor (detached here) and a host `count`.
+    pub(crate) fn add(&mut self, name: &'static str, sum: &Tensor, count: f64) -> Result<()> {
+        let count = Tensor::f_from_slice(&[count])?.f_to(sum.device())?;
+        self.add_counted(name, sum, &count)
+    }
+
+    /// Adds metric `name` with scalar `sum` and `count` tensors (detached here).
+    pub(crate) fn add_counted(
+        &mut self,
+        name: &'static str,
+        sum: &Tensor,
+        count: &Tensor,
+    ) -> Result<()> {
+        for t in [sum, count] {
+            self.values.push(t.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([1])?);
+        }
+        self.names.push(name);
+        Ok(())
+    }
+
+    /// Adds a metric whose sum is known on the host.
+    pub(crate) fn add_value(&mut self, name: &'static str, sum: f64, count: f64) -> Result<()> {
+        self.add(name, &Tensor::f_from_slice(&[sum])?, count)
+    }
+
+    /// Reads every value back (one sync) into a [`Metrics`].
+    pub(crate) fn finish(self) -> Result<Metrics> {
+        let mut metrics = Metrics::new();
+        if self.values.is_empty() {
+            return Ok(metrics);
+        }
+        let device = self.values[0].device();
+        let values: Vec<Tensor> =
+            self.values.iter().map(|s| s.f_to(device)).collect::<Result<_, tch::TchError>>()?;
+        let values = Vec::<f64>::try_from(&Tensor::f_cat(&values, 0)?)?;
+        for (name, pair) in self.names.into_iter().zip(values.chunks(2)) {
+            metrics.add(name, pair[0], pair[1]);
+        }
+        Ok(metrics)
+    }
+}
+
+/// Masked sum of a per-row statistic: `Σ_r where(mask_r, stat_r, 0)` (never `0 · stat`).
+pub(crate) fn masked_sum(stat: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(stat.f_where_scalarother(mask, 0.0)?.f_sum(Kind::Double)?)
+}
+
+/// Builds the [`LossOutput`] of a token-level loss from token losses `tok` (`[B, T]`, zeros at
+/// inactive positions, with the graph) and the number of active positions.
+pub(crate) fn finish(
+    op: &'static str,
+    tok: Tensor,
+    count: i64,
+    reduction: Reduction,
+    metrics: Metrics,
+) -> Result<LossOutput> {
+    let kind = tok.f_kind()?;
+    let b = tok.size().first().copied().unwrap_or(0);
+    // f64 accumulation across rows, result in the compute dtype.
+    let sum = tok.f_sum(Kind::Double)?.f_to_kind(kind)?;
+    let loss = match reduction {
+        Reduction::None => tok.shallow_clone(),
+        Reduction::PerSequence => tok.f_sum_dim_intlist(1, false, Kind::Double)?.f_to_kind(kind)?,
+        Reduction::Sum => sum.shallow_clone(),
+        Reduction::Mean => sum.f_mul_scalar(if count > 0 { 1.0 / count as f64 } else { 0.0 })?,
+        Reduction::BatchMean => sum.f_mul_scalar(if b > 0 { 1.0 / b as f64 } else { 0.0 })?,
+        other => {
+            return Err(Error::InvalidConfig {
+                op,
+                name: "reduction",
+                reason: format!("{other:?} is not supported by token-level losses"),
+            });
+        }
+    };
+    Ok(LossOutput {
+        loss,
+        per_example: tok,
+        parts: vec![LossPart { name: "tokens", sum, count: count as f64, weight: 1.0 }],
+        metrics,
+    })
+}
+
+/// Rejects a non-finite or negative `value` of config field `name`.
+pub(crate) fn check_nonneg_finite(op: &'static str, name: &'static str, value: f64) -> Result<()> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(Error::InvalidConfig {
+            op,
+            name,
+            reason: format!("must be finite and >= 0, got {value}"),
+        });
+    }
+    Ok(())
+}
+
+/// Rejects reductions a token-level loss does not know (future variants of the enum).
+pub(crate) fn check_reduction(op: &'static str, reduction: Reduction) -> Result<()> {
+    match reduction {
+        Reduction::None
+        | Reduction::PerSequence
+        | Reduction::Sum
+        | Reduction::Mean
+        | Reduction::BatchMean => Ok(()),
+        other => Err(Error::InvalidConfig {
+            op,
+            name: "reduction",
+            reason: format!("{other:?} is not supported by token-level losses"),
+        }),
+    }
+}
+
+/// What every token-level loss computes before its row formula: the problem sizes, the selected
+/// (active) rows and their count.
+pub(crate) struct Prepared {
+    pub dims: Dims,
+    pub sel: RowSelection,
+    pub rows: Rows,
+    pub count: i64,
+}
+
+/// Selects the active rows of `logits` (and `ref_logits`, `labels`) in the compute dtype and
+/// checks them for non-finite values per `policy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn select_rows(
+    op: &'static str,
+    sel: &RowSelection,
+    dims: Dims,
+    kind: Kind,
+    logits: &Tensor,
+    ref_logits: Option<&Tensor>,
+    labels: &Tensor,
+    policy: NonFinitePolicy,
+) -> Result<Rows> {
+    let batch = [dims.b, dims.t];
+    let z = sel.rows(&logits.f_reshape([dims.n(), dims.v])?)?.f_to_kind(kind)?;
+    let to_flat = |r: i64| sel.flat_index(r);
+    let all_finite = check_finite_rows(op, "logits", &z, &to_flat, &batch, policy)?;
+    let zo = match ref_logits {
+        Some(r) => {
+            let zo = sel.rows(&r.f_detach()?.f_reshape([dims.n(), dims.v])?)?.f_to_kind(kind)?;
+            check_finite_rows(op, "ref_logits", &zo, &to_flat, &batch, policy)?;
+            Some(zo)
+        }
+        None => None,
+    };
+    let labels = sel.rows(&labels.f_reshape([-1])?)?;
+    let mut rows = Rows::new(z, zo, labels);
+    rows.all_finite = all_finite;
+    Ok(rows)
+}
+
+/// Validation and row selection for the weighted losses (TNT, NL, UL-annotated).
+pub(crate) fn prepare_weighted(
+    op: &'static str,
+    logits: &Tensor,
+    ref_logits: Option<&Tensor>,
+    labels: &Tensor,
+    weights: &TokenWeights,
+    policy: NonFinitePolicy,
+) -> Result<Prepared> {
+    let (dims, kind) = check_logits(op, logits)?;
+    let device = logits.device();
+    if let Some(r) = ref_logits {
+        check_shape(op, "ref_logits", r, &logits.size(), "the shape of logits", device)?;
+        compute_kind(op, "ref_logits", r)?;
+    }
+    check_bt(op, "labels", labels, dims, device)?;
+    let labels = as_ids(op, "labels", labels)?;
+    check_bt(op, "weights", weights.signs(), dims, device)?;
+    let active = weights.active_mask()?;
+    let count = count_and_check_ids(op, "labels", &labels, &active, dims.v)?;
+    let sel = RowSelection::new(&active, count)?;
+    let mut rows = select_rows(op, &sel, dims, kind, logits, ref_logits, &labels, policy)?;
+    rows.neg = Some(sel.rows(&weights.signs().f_reshape([-1])?)?.f_lt(0)?);
+    Ok(Prepared { dims, sel, rows, count })
+}
+
+/// Scatters row losses back to `[B, T]` token losses.
+pub(crate) fn token_losses(prep: &Prepared, row_loss: &Tensor) -> Result<Tensor> {
+    Ok(prep.sel.scatter(row_loss)?.f_reshape([prep.dims.b, prep.dims.t])?)
+}
