@@ -5,7 +5,7 @@
 mod sequence_support;
 
 use amend_losses::sequence::*;
-use amend_losses::{Error, Result};
+use amend_losses::{Error, NonFinitePolicy, Result};
 use sequence_support::*;
 use tch::{Device, Kind, Tensor};
 
@@ -198,11 +198,15 @@ fn seq_logps_non_finite_policy() -> Result<()> {
     let mask = ti(&[0, 1, 1, 1]).view([1, 4]);
     let _ = logits.get(0).get(1).get(3).fill_(f64::NAN);
     match seq_logps(&logits, &ids, &mask, &SeqLogpsConfig::default()) {
-        Err(Error::NonFinite { index, count: 1, .. }) => assert_eq!(index, vec![0, 1]),
+        Err(Error::NonFiniteLogits { index, count: 1, .. }) => assert_eq!(index, vec![0, 1]),
         other => panic!("unexpected {other:?}"),
     }
-    let lp =
-        seq_logps(&logits, &ids, &mask, &SeqLogpsConfig::default().with_allow_non_finite(true))?;
+    let lp = seq_logps(
+        &logits,
+        &ids,
+        &mask,
+        &SeqLogpsConfig::default().with_non_finite(NonFinitePolicy::Propagate),
+    )?;
     assert!(vals(&lp.sum)[0].is_nan());
     // A −inf logit off the target is fine (masked vocabulary).
     let (logits, ids, _) = random_batch(4, 1, 4, 5, Kind::Float);
@@ -210,6 +214,20 @@ fn seq_logps_non_finite_policy() -> Result<()> {
     let _ = logits.get(0).get(1).get((target + 1) % 5).fill_(f64::NEG_INFINITY);
     let lp = seq_logps(&logits, &ids, &mask, &SeqLogpsConfig::default())?;
     assert!(vals(&lp.sum)[0].is_finite());
+    // A −inf logit on the target gives S = −inf: a typed error naming the position.
+    let _ = logits.get(0).get(2).get(i64::try_from(ids.get(0).get(3))?).fill_(f64::NEG_INFINITY);
+    match seq_logps(&logits, &ids, &mask, &SeqLogpsConfig::default()) {
+        Err(Error::NonFinite { index, count: 1, .. }) => assert_eq!(index, vec![0, 2]),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The fused-linear path classifies the same way.
+    let hidden = Tensor::randn([1, 4, 3], (Kind::Float, CPU));
+    let _ = hidden.get(0).get(2).get(1).fill_(f64::NAN);
+    let head = Tensor::randn([5, 3], (Kind::Float, CPU));
+    match seq_logps_fused_linear(&hidden, &head, None, &ids, &mask, &FusedLinearConfig::default()) {
+        Err(Error::NonFiniteLogits { index, .. }) => assert_eq!(index, vec![0, 2]),
+        other => panic!("unexpected {other:?}"),
+    }
     Ok(())
 }
 
@@ -333,7 +351,10 @@ fn fused_vs_full(kind: Kind, chunk: Option<usize>, with_bias: bool, tol: f64) ->
         hd.weight.detach().set_requires_grad(true),
         hd.bias.detach().set_requires_grad(true),
     );
-    let fcfg = FusedLinearConfig::default().with_chunk_size(chunk);
+    let fcfg = match chunk {
+        Some(c) => FusedLinearConfig::default().with_chunk_rows(c),
+        None => FusedLinearConfig::default(),
+    };
     let fl = seq_logps_fused_linear(&h2, &w2, with_bias.then_some(&b2), &hd.ids, &hd.mask, &fcfg)?;
     let l_fused = downstream(fl.logps(), &w_tok)?;
     let out = fl.f_attach(&l_fused)?;
@@ -405,7 +426,7 @@ fn fused_linear_drops_masked_rows_and_ignores_their_values() -> Result<()> {
         None,
         &hd.ids,
         &mask,
-        &FusedLinearConfig::default().with_chunk_size(Some(3)),
+        &FusedLinearConfig::default().with_chunk_rows(3),
     )?;
     let clean =
         seq_logps(&hd.hidden.matmul(&hd.weight.tr()), &hd.ids, &mask, &SeqLogpsConfig::default())?;
@@ -459,7 +480,7 @@ fn fused_linear_chunk_size_rule() {
     assert_eq!(cfg.resolve_chunk(128256, 4096), 128);
     assert_eq!(cfg.resolve_chunk(1000, 4096), 1024);
     assert_eq!(cfg.resolve_chunk(50257, 10), 10);
-    assert_eq!(cfg.clone().with_chunk_size(Some(7)).resolve_chunk(50257, 100), 7);
+    assert_eq!(cfg.clone().with_chunk_rows(7).resolve_chunk(50257, 100), 7);
 }
 
 #[test]

@@ -66,7 +66,7 @@ fn gradcheck_fused_linear_against_finite_differences() -> Result<()> {
     tch::manual_seed(5);
     let ids = Tensor::randint(v, [b, tt], (Kind::Int64, CPU));
     let mask = ti(&[0, 1, 1, 1, 1, 0, 1, 1]).view([b, tt]);
-    let cfg = FusedLinearConfig::default().with_chunk_size(Some(2));
+    let cfg = FusedLinearConfig::default().with_chunk_rows(2);
     let loss = |hid: &Tensor, w: &Tensor| -> Result<Tensor> {
         let fl = seq_logps_fused_linear(hid, w, None, &ids, &mask, &cfg)?;
         let s = &fl.logps().sum;

@@ -27,49 +27,39 @@ use super::seq_logps::{
     ActiveRows, SeqLogps, SeqLogpsConfig, TokenStats, active_rows, assemble, check_lp_finite,
     token_stats,
 };
+use crate::token::{FusedLinearOptions, NonFinitePolicy};
 use crate::{Error, Result};
 
 /// Options of the fused-linear path.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FusedLinearConfig {
-    /// Rows per chunk. `None` (default) picks the largest power of two with
-    /// `C · V · 4 bytes ≤ chunk_budget_bytes`, clamped to `[128, 1024]` (256 at `V = 50257`).
-    pub chunk_size: Option<usize>,
-    /// Memory budget of one `[C, V]` f32 chunk buffer when `chunk_size` is `None`. Default
-    /// 64 MiB (`kernels-and-performance.md` §4: larger chunks cost memory, smaller ones re-read
-    /// the head more often).
-    pub chunk_budget_bytes: usize,
-    /// The options shared with [`seq_logps`](super::seq_logps) (`token_stats`,
-    /// `allow_non_finite`; per-token log-probs are always returned on this path).
+    /// Chunking, shared with the token-level fused-linear losses: `chunk_rows` (default `None`:
+    /// the largest power of two with `C · V · 4 bytes ≤ memory_budget_bytes`, clamped to
+    /// `[128, 1024]`, which is 256 at `V = 50257`) and `memory_budget_bytes` (default 64 MiB;
+    /// larger chunks cost memory, smaller ones re-read the head more often).
+    pub chunking: FusedLinearOptions,
+    /// The options shared with [`seq_logps`](super::seq_logps) (`token_stats`, `non_finite`;
+    /// per-token log-probs are always returned on this path).
     pub logps: SeqLogpsConfig,
 }
 
-impl Default for FusedLinearConfig {
-    fn default() -> Self {
-        Self { chunk_size: None, chunk_budget_bytes: 64 << 20, logps: SeqLogpsConfig::default() }
-    }
-}
-
 with_setters!(FusedLinearConfig {
-    with_chunk_size => chunk_size: Option<usize>,
-    with_chunk_budget_bytes => chunk_budget_bytes: usize,
+    with_chunking => chunking: FusedLinearOptions,
     with_logps => logps: SeqLogpsConfig,
 });
 
 impl FusedLinearConfig {
+    /// Sets a fixed number of rows per chunk.
+    #[must_use]
+    pub fn with_chunk_rows(mut self, rows: usize) -> Self {
+        self.chunking = self.chunking.with_chunk_rows(rows);
+        self
+    }
+
     /// The chunk size used for vocabulary `vocab` and `rows` scored rows.
     pub fn resolve_chunk(&self, vocab: i64, rows: i64) -> i64 {
-        let c = match self.chunk_size {
-            Some(c) => c.max(1) as i64,
-            None => {
-                let per_row = (vocab.max(1) as usize) * 4;
-                let fit = (self.chunk_budget_bytes / per_row).max(1);
-                let pow2 = 1usize << (usize::BITS - 1 - fit.leading_zeros());
-                pow2.clamp(128, 1024) as i64
-            }
-        };
-        c.min(rows.max(1))
+        self.chunking.chunk(vocab, 1).min(rows.max(1))
     }
 }
 
@@ -328,8 +318,14 @@ pub fn seq_logps_fused_linear(
             start += c;
         }
     }
-    if !cfg.logps.allow_non_finite {
-        check_lp_finite(OP, &lp_rows, &active, tm1)?;
+    if cfg.logps.non_finite == NonFinitePolicy::Error {
+        check_lp_finite(OP, &lp_rows, &active, tm1, |r| {
+            let z = h_rows.f_get(r)?.f_unsqueeze(0)?.f_mm(&wt)?.f_squeeze_dim(0)?;
+            Ok(match &b_kind {
+                Some(bk) => z.f_add(bk)?,
+                None => z,
+            })
+        })?;
     }
     let (_, per_token) = assemble(&lp_rows, &active, b, tm1)?;
     drop(_guard);

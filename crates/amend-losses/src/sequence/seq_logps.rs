@@ -13,6 +13,7 @@ use super::common::{
     bool_mask, check_device, check_finite, check_float, check_integer, check_rank, check_shape,
     compute_kind, first_true, nonempty, safe_mean, with_setters,
 };
+use crate::token::NonFinitePolicy;
 use crate::{Error, Result};
 
 /// What a length-normalised loss does with a sequence that has no scored token (`n = 0`).
@@ -43,17 +44,19 @@ pub struct SeqLogpsConfig {
     /// Also compute the by-products TRL logs (`mean_token_accuracy`, `logits/chosen`) into
     /// [`SeqLogps::stats`]. Default `false`: it costs an argmax and a sum over the scored rows.
     pub token_stats: bool,
-    /// Accept non-finite log-probs at scored positions (a NaN or `+inf` logit in a scored row, a
-    /// row with no finite logit, or a target token with logit `−inf`). Default `false`: such a
-    /// row is an [`Error::NonFinite`] naming the first `[b, t]`. Rows that are not scored are
-    /// never read, so NaN there is always harmless.
-    pub allow_non_finite: bool,
+    /// What to do with a non-finite log-prob at a scored position. Default
+    /// [`NonFinitePolicy::Error`]: a NaN or `+inf` logit in a scored row, or a row with no finite
+    /// logit, is [`Error::NonFiniteLogits`]; a target token whose logit is `−inf` (probability 0,
+    /// `S = −inf`) is [`Error::NonFinite`]. [`NonFinitePolicy::Propagate`] skips the check and its
+    /// device sync. `−inf` logits off the target are always fine (vocabulary masks), and rows
+    /// that are not scored are never read, so NaN there is always harmless.
+    pub non_finite: NonFinitePolicy,
 }
 
 with_setters!(SeqLogpsConfig {
     with_return_per_token => return_per_token: bool,
     with_token_stats => token_stats: bool,
-    with_allow_non_finite => allow_non_finite: bool,
+    with_non_finite => non_finite: NonFinitePolicy,
 });
 
 /// Token-level by-products of [`seq_logps`], as exact `(sum, count)` pairs.
@@ -370,8 +373,8 @@ pub(crate) fn assemble(
 /// [`Error::ShapeMismatch`], [`Error::DtypeMismatch`], [`Error::DeviceMismatch`],
 /// [`Error::VocabTooSmall`] (`V < 2`), [`Error::LabelOutOfRange`] (a scored target outside
 /// `[0, V)`; unscored positions may hold anything, such as `-100`), [`Error::InvalidInput`] (mask
-/// values other than 0/1), [`Error::NonFinite`] (a non-finite log-prob at a scored position,
-/// unless [`SeqLogpsConfig::allow_non_finite`]), [`Error::Tch`].
+/// values other than 0/1), [`Error::NonFiniteLogits`] / [`Error::NonFinite`] (a non-finite
+/// log-prob at a scored position, see [`SeqLogpsConfig::non_finite`]), [`Error::Tch`].
 ///
 /// # Example
 ///
@@ -406,8 +409,10 @@ pub fn seq_logps(
     let tm1 = (t - 1).max(0);
     let logits2d = logits.f_reshape([b * t, v])?;
     let lp_rows = selected_token_logps(&logits2d, &active.rows, &active.targets, kind)?;
-    if !cfg.allow_non_finite {
-        check_lp_finite(OP, &lp_rows, &active, tm1)?;
+    if cfg.non_finite == NonFinitePolicy::Error {
+        check_lp_finite(OP, &lp_rows, &active, tm1, |r| {
+            Ok(logits2d.f_get(i64::try_from(active.rows.f_get(r)?)?)?)
+        })?;
     }
     let stats = if cfg.token_stats {
         let _guard = tch::no_grad_guard();
@@ -426,25 +431,34 @@ pub fn seq_logps(
     })
 }
 
-/// [`Error::NonFinite`] at the first scored `[b, t]` (position of the logits row) whose
-/// log-prob is not finite.
+/// Errors at the first scored `[b, t]` (position of the logits row) whose log-prob is not
+/// finite: [`Error::NonFiniteLogits`] when the row holds NaN or `+inf` or no finite logit,
+/// [`Error::NonFinite`] when only the target's logit is `−inf`. `row_logits(i)` returns the
+/// logits of active row `i` (only called on the error path).
 pub(crate) fn check_lp_finite(
     op: &'static str,
     lp_rows: &Tensor,
     active: &ActiveRows,
     tm1: i64,
+    row_logits: impl Fn(i64) -> Result<Tensor>,
 ) -> Result<()> {
     let bad = lp_rows.f_isfinite()?.f_logical_not()?;
-    if let Some((index, count)) = first_true(&bad)? {
-        let flat = i64::try_from(active.idx.f_get(index[0])?)?;
-        return Err(Error::NonFinite {
+    let Some((pos, count)) = first_true(&bad)? else { return Ok(()) };
+    let flat = i64::try_from(active.idx.f_get(pos[0])?)?;
+    let index = vec![flat / tm1, flat % tm1];
+    let row = row_logits(pos[0])?;
+    let broken = row.f_isnan()?.f_any()?.f_logical_or(&row.f_isposinf()?.f_any()?)?;
+    let no_finite = row.f_isfinite()?.f_any()?.f_logical_not()?;
+    if bool::try_from(broken.f_logical_or(&no_finite)?)? {
+        Err(Error::NonFiniteLogits { op, name: "logits", index, count })
+    } else {
+        Err(Error::NonFinite {
             op,
-            name: "logits (log-prob of a scored token)",
-            index: vec![flat / tm1, flat % tm1],
+            name: "log-prob of the target token (its logit is -inf)",
+            index,
             count,
-        });
+        })
     }
-    Ok(())
 }
 
 /// Accuracy and logit sums over the selected rows `x [N, V]`.
