@@ -32,9 +32,9 @@ pub use sequence::{
     KtoConfig, KtoLossType, KtoReferencePoint, NeatConfig, NegScoring, NllScope, NpoConfig,
     ORPO_MAX_MEAN_LOGP, Origin, OrpoConfig, RrhfConfig, SeqLogps, SeqLogpsConfig, SftNorm,
     SimNpoConfig, SimPoConfig, TokenStats, contrastive_perplexity_loss, cp_default_alpha, cp_phi,
-    cp_phi_from_logps, cp_phi_reference, dpo_loss, gamma_from_ratio, gradient_ascent_loss,
-    kto_loss, kto_reference_point, kto_reference_point_stats, neat_loss, npo_loss, orpo_loss,
-    rrhf_loss, seq_logps, seq_logps_fused_linear, simnpo_loss, simpo_loss,
+    cp_phi_from_logps, cp_phi_reference, cp_split_layout, dpo_loss, gamma_from_ratio,
+    gradient_ascent_loss, kto_loss, kto_reference_point, kto_reference_point_stats, neat_loss,
+    npo_loss, orpo_loss, rrhf_loss, seq_logps, seq_logps_fused_linear, simnpo_loss, simpo_loss,
 };
 pub use token::{
     Candidates, KlDirection, KlValue, NlConfig, NllConfig, NonFinitePolicy, RefKlConfig, SeqUlMask,

@@ -322,6 +322,44 @@ pub fn cp_phi_reference(nll: &Tensor) -> Result<Tensor> {
     Ok(x.f_mean_dim([1i64].as_slice(), false, kind)?)
 }
 
+/// Splits the reference code's row layout `[P_1..P_p, N_1..N_n, R_1..R_r]` (`phi [B, C]`,
+/// `C = p + n + r`, for example `cp_phi_reference(nll).view([B, C])`) into the `(P, N, R)` blocks
+/// of a [`CpGroups`] (views, on the same graph).
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] unless `phi` is `[B, p + n + r]`.
+///
+/// # Example
+///
+/// ```
+/// use amend_losses::sequence::{contrastive_perplexity_loss, cp_split_layout, CpConfig, CpForm, CpGroups};
+/// use tch::Tensor;
+///
+/// let phi = Tensor::from_slice(&[2.0f64, 1.5, 3.0, 4.0 / 3.0]).view([1, 4]);
+/// let (pos, neg, rnd) = cp_split_layout(&phi, 2, 2, 0)?;
+/// let cfg = CpConfig::default().with_form(CpForm::Reference);
+/// let out = contrastive_perplexity_loss(&CpGroups::new(&pos, &neg).with_random(&rnd, None), &cfg)?;
+/// assert!((f64::try_from(&out.loss)? - 66.9363240006).abs() < 1e-9);
+/// # Ok::<(), amend_losses::Error>(())
+/// ```
+pub fn cp_split_layout(phi: &Tensor, p: i64, n: i64, r: i64) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "cp_split_layout";
+    check_rank(OP, "phi", phi, 2, "[B, p + n + r]")?;
+    let b = phi.size()[0];
+    if p < 0 || n < 0 || r < 0 {
+        return Err(Error::InvalidInput {
+            op: OP,
+            name: "layout",
+            reason: format!("p, n, r must be >= 0, got {p}, {n}, {r}"),
+        });
+    }
+    check_shape(OP, "phi", phi, &[b, p + n + r], || {
+        format!("[B, p + n + r] = [{b}, {}]", p + n + r)
+    })?;
+    Ok((phi.f_narrow(1, 0, p)?, phi.f_narrow(1, p, n)?, phi.f_narrow(1, p + n, r)?))
+}
+
 /// One block (P, N or R) of a CP batch, validated, with masked entries zeroed.
 struct Block {
     phi: Tensor,

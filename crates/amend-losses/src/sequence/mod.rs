@@ -56,6 +56,7 @@ pub use candidates::{CandidateSet, Origin};
 pub use contrastive_perplexity::{
     CP_REFERENCE_NONFINITE_NLL, CpConfig, CpForm, CpGroups, CpStatistic,
     contrastive_perplexity_loss, cp_default_alpha, cp_phi, cp_phi_from_logps, cp_phi_reference,
+    cp_split_layout,
 };
 pub use dpo::{DpoConfig, DpoLossType, dpo_loss};
 pub use fused_linear::{FusedLinearConfig, FusedLinearSeqLogps, seq_logps_fused_linear};
