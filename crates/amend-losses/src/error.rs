@@ -142,6 +142,45 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A value that must be finite (a log-probability at an active position, a sequence sum, a
+    /// reference sum or a statistic) is NaN or infinite.
+    #[error("{op}: `{name}` is not finite at {index:?} ({count} non-finite entries)")]
+    NonFinite {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Name of the argument (or of the derived quantity, for example `"log-probs"`).
+        name: &'static str,
+        /// Index of the first offending entry.
+        index: Vec<i64>,
+        /// Number of offending entries.
+        count: i64,
+    },
+    /// A reward used for ranking (RRHF, NEAT) is NaN or infinite.
+    #[error("{op}: reward at {index:?} is not finite ({count} non-finite rewards)")]
+    NonFiniteReward {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Index `[group, candidate]` of the first offending reward.
+        index: Vec<i64>,
+        /// Number of offending rewards.
+        count: i64,
+    },
+    /// A contrastive-perplexity anchor has no positive, so its prototype is undefined.
+    #[error("{op}: anchor {group} has no positive (the prototype is undefined)")]
+    NoPositives {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Index of the anchor (group).
+        group: i64,
+    },
+    /// A ranking group (RRHF, NEAT) has no candidate left.
+    #[error("{op}: group {group} has no candidate (its candidate mask is all false)")]
+    EmptyCandidateSet {
+        /// Loss that rejected the input.
+        op: &'static str,
+        /// Index of the group.
+        group: i64,
+    },
 }
 
 /// `Result` with [`Error`] as the default error type.
