@@ -274,6 +274,13 @@ impl CheckpointReader {
                 got: entry.shape.clone(),
             });
         }
+        if kind_of(entry.dtype).is_none() {
+            return Err(Error::TensorDtype {
+                path: entry.file.clone(),
+                name: key.to_string(),
+                dtype: format!("{:?}", entry.dtype),
+            });
+        }
         let tensor = self.read_raw(key, &entry)?;
         self.used.insert(key.to_string());
         let kind = kind.unwrap_or(self.kind);

@@ -172,7 +172,11 @@ pub(crate) fn prepare(
         Kind::Int64 => input_ids.shallow_clone(),
         Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => input_ids.f_to_kind(Kind::Int64)?,
         k => {
-            return Err(Error::invalid(op, "input_ids", format!("expected integer ids, got {k:?}")));
+            return Err(Error::invalid(
+                op,
+                "input_ids",
+                format!("expected integer ids, got {k:?}"),
+            ));
         }
     };
     let ids = if ids.device() != device { ids.f_to_device(device)? } else { ids };
