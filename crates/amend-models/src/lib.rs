@@ -36,7 +36,7 @@ mod params;
 pub mod scoring;
 mod source;
 pub mod tokenizer;
-// pub mod train;
+pub mod train;
 
 pub use auto::{Model, load};
 pub use checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
