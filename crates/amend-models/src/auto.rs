@@ -28,10 +28,12 @@ pub enum Model {
 /// Loads the Hugging Face checkpoint directory `dir`, choosing the adapter from the
 /// `model_type` of its `config.json`.
 ///
-/// ```no_run
+/// ```
 /// use amend_models::{load, CausalLm, LoadOptions};
-/// let model = load("checkpoints/tiny", &LoadOptions::default())?;
-/// println!("{} with {} layers", model.config().model_type(), model.num_layers());
+/// # let dir = "tests/fixtures/models/qwen2"; // a tiny random Qwen2
+/// let model = load(dir, &LoadOptions::default())?;
+/// assert_eq!(model.config().model_type(), "qwen2");
+/// assert_eq!(model.num_layers(), 2);
 /// # Ok::<(), amend_models::Error>(())
 /// ```
 ///

@@ -279,7 +279,7 @@ pub struct Gpt2Config {
     pub attn_pdrop: f64,
     /// LayerNorm epsilon.
     pub layer_norm_epsilon: f64,
-    /// Std of the normal initialisation (used by [`init`](crate::init)).
+    /// Std of the normal initialisation (used by [`Gpt2::new_random`](crate::Gpt2::new_random)).
     pub initializer_range: f64,
     /// Scale attention scores by `1/sqrt(head_dim)`.
     pub scale_attn_weights: bool,
@@ -344,7 +344,7 @@ impl Gpt2Config {
                 return Err(Error::config(p, field, "must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(Error::config(
                 p,
                 "n_head",
@@ -600,7 +600,7 @@ impl LlamaConfig {
                 return Err(Error::config(p, field, "must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::config(
                 p,
                 "num_key_value_heads",
@@ -610,7 +610,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::config(p, "head_dim", "RoPE needs an even head_dim"));
         }
         if self.layer_types.len() != self.num_hidden_layers {

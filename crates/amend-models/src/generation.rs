@@ -203,14 +203,16 @@ pub struct Generation {
 
 /// Generates a continuation of each text prompt.
 ///
-/// ```no_run
+/// ```
 /// use amend_models::{generate, load, GenerationConfig, LoadOptions};
-/// let model = load("checkpoints/tiny", &LoadOptions::default())?;
+/// # let dir = "tests/fixtures/models/gpt2"; // a tiny random GPT-2
+/// let model = load(dir, &LoadOptions::default())?;
 /// let mut cfg = GenerationConfig::sampling(20, 0.8, 42);
 /// cfg.top_p = Some(0.95);
-/// for g in generate(&model, &["the cat", "a dog"], &cfg)? {
-///     println!("{}", g.text.unwrap_or_default());
-/// }
+/// let a = generate(&model, &["the cat", "a dog"], &cfg)?;
+/// let b = generate(&model, &["the cat", "a dog"], &cfg)?;
+/// assert_eq!(a, b); // same seed, same samples
+/// assert!(a[0].token_ids.len() <= 20);
 /// # Ok::<(), amend_models::Error>(())
 /// ```
 ///

@@ -33,11 +33,13 @@ struct Block {
 
 /// A GPT-2 language model.
 ///
-/// ```no_run
+/// ```
 /// use amend_models::{CausalLm, Gpt2, LoadOptions};
-/// let model = Gpt2::load("path/to/gpt2", &LoadOptions::default())?;
-/// let ids = tch::Tensor::from_slice(&[464i64, 3290, 318]).view([1, 3]);
-/// let logits = model.forward_no_grad(&ids, None)?; // [1, 3, 50257]
+/// # let dir = "tests/fixtures/models/gpt2"; // a tiny random GPT-2
+/// let model = Gpt2::load(dir, &LoadOptions::default())?;
+/// let ids = tch::Tensor::from_slice(&[64i64, 290, 18]).view([1, 3]);
+/// let logits = model.forward_no_grad(&ids, None)?;
+/// assert_eq!(logits.size(), vec![1, 3, 320]); // [b_sz, seq_len, vocab]
 /// # Ok::<(), amend_models::Error>(())
 /// ```
 #[derive(Debug)]

@@ -393,7 +393,7 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let kind = x.f_kind()?;
     if matches!(kind, Kind::Float | Kind::Double) {
-        return Ok(x.f_rms_norm(&[*x.size().last().unwrap_or(&1)], Some(weight), eps)?);
+        return Ok(x.f_rms_norm([*x.size().last().unwrap_or(&1)], Some(weight), eps)?);
     }
     let xf = x.f_to_kind(Kind::Float)?;
     let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
@@ -404,7 +404,7 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
 /// LayerNorm over the last dimension.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let h = *x.size().last().unwrap_or(&1);
-    Ok(x.f_layer_norm(&[h], Some(weight), Some(bias), eps, true)?)
+    Ok(x.f_layer_norm([h], Some(weight), Some(bias), eps, true)?)
 }
 
 /// The activation function (see [`Activation`] for the precision policy of the tanh GELUs).

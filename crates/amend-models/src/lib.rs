@@ -32,7 +32,7 @@ mod layers;
 mod llama;
 mod model;
 mod params;
-// pub mod recipe;
+pub mod recipe;
 pub mod scoring;
 mod source;
 pub mod tokenizer;

@@ -51,10 +51,11 @@ struct Layer {
 
 /// A Llama-family language model (Llama, Mistral, Qwen2).
 ///
-/// ```no_run
+/// ```
 /// use amend_models::{CausalLm, Llama, LoadOptions};
-/// let model = Llama::load("path/to/llama", &LoadOptions::default().with_kind(tch::Kind::BFloat16))?;
-/// let ids = tch::Tensor::from_slice(&[1i64, 450, 4996]).view([1, 3]);
+/// # let dir = "tests/fixtures/models/llama"; // a tiny random Llama
+/// let model = Llama::load(dir, &LoadOptions::default().with_kind(tch::Kind::BFloat16))?;
+/// let ids = tch::Tensor::from_slice(&[1i64, 45, 99]).view([1, 3]);
 /// let out = model.forward_hidden(&ids, None)?;
 /// assert_eq!(out.hidden_states.len(), model.num_layers() + 1);
 /// # Ok::<(), amend_models::Error>(())

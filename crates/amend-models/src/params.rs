@@ -116,14 +116,15 @@ impl Params {
     /// Makes exactly the parameters for which `select` returns `true` trainable (and the others
     /// frozen) and returns how many are trainable.
     ///
-    /// ```no_run
-    /// # use amend_models::{CausalLm, Result};
-    /// # fn f(model: &mut impl CausalLm) -> Result<()> {
-    /// // Train only the MLP output projections of blocks 4 and 5.
-    /// model.params_mut().set_trainable(|p| {
-    ///     matches!(p.layer(), Some(4 | 5)) && p.name().contains("mlp.c_proj")
+    /// ```
+    /// # use amend_models::{load, CausalLm, LoadOptions};
+    /// # let mut model = load("tests/fixtures/models/gpt2", &LoadOptions::default())?;
+    /// // Train only the MLP output projection (weight and bias) of block 1.
+    /// let n = model.params_mut().set_trainable(|p| {
+    ///     p.layer() == Some(1) && p.name().contains("mlp.c_proj")
     /// })?;
-    /// # Ok(()) }
+    /// assert_eq!(n, 2);
+    /// # Ok::<(), amend_models::Error>(())
     /// ```
     ///
     /// # Errors

@@ -150,10 +150,12 @@ fn bos_of<M: CausalLm + ?Sized>(model: &M) -> Option<u32> {
 
 /// Scores texts: log-probabilities of every token after the first.
 ///
-/// ```no_run
+/// ```
 /// use amend_models::{load, score_texts, LoadOptions, ScoreOptions};
-/// let model = load("checkpoints/tiny", &LoadOptions::default())?;
+/// # let dir = "tests/fixtures/models/gpt2"; // a tiny random GPT-2
+/// let model = load(dir, &LoadOptions::default())?;
 /// let s = score_texts(&model, &["the cat sat on the mat"], &ScoreOptions::default())?;
+/// assert_eq!(s[0].count(), s[0].token_ids.len() - 1);
 /// println!("perplexity {:.2}", s[0].perplexity());
 /// # Ok::<(), amend_models::Error>(())
 /// ```

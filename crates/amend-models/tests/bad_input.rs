@@ -191,7 +191,8 @@ fn unknown_config_field_is_named_and_can_be_allowed() {
 
 #[test]
 fn unsupported_config_values_are_named() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
         (
             "llama",
             |v| v["rope_parameters"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),

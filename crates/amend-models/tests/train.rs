@@ -15,6 +15,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 fn fixture() -> Value {
+    common::setup();
     amend_testing::load_json_fixture(env!("CARGO_MANIFEST_DIR"), "train.json")
 }
 
@@ -111,6 +112,7 @@ fn decay_filter_splits_biases_and_norms() {
 }
 
 fn tiny(seed: u64) -> Gpt2 {
+    common::setup();
     let cfg = Gpt2Config {
         vocab_size: 32,
         n_positions: 16,
@@ -295,6 +297,7 @@ fn non_finite_loss_stops_without_touching_parameters() {
 
 #[test]
 fn bf16_parameters_train_through_f32_master_weights() {
+    common::setup();
     // Updates far below bf16's resolution accumulate in the master copy, as they do in f32.
     let w32 = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let w16 = Tensor::ones([4], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);

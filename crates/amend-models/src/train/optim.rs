@@ -144,12 +144,12 @@ impl AdamW {
                 return Err(Error::invalid(op, "betas", format!("{name} = {v} is not in [0, 1)")));
             }
         }
-        if !(cfg.eps > 0.0) {
+        if cfg.eps.is_nan() || cfg.eps <= 0.0 {
             return Err(Error::invalid(op, "eps", format!("{} must be > 0", cfg.eps)));
         }
         let mut seen = std::collections::HashSet::new();
         for g in &groups {
-            if !(g.weight_decay >= 0.0) {
+            if g.weight_decay.is_nan() || g.weight_decay < 0.0 {
                 return Err(Error::invalid(
                     op,
                     "weight_decay",
@@ -368,7 +368,7 @@ pub fn clip_grad_norm<'a>(
     params: impl IntoIterator<Item = &'a Tensor>,
     max_norm: f64,
 ) -> Result<f64> {
-    if !(max_norm >= 0.0) {
+    if max_norm.is_nan() || max_norm < 0.0 {
         return Err(Error::invalid("clip_grad_norm", "max_norm", format!("{max_norm}")));
     }
     let _guard = tch::no_grad_guard();

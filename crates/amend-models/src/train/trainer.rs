@@ -227,21 +227,24 @@ impl MetricsLog {
 
 /// The trainer.
 ///
-/// ```no_run
-/// use amend_models::train::{TrainConfig, Trainer};
+/// ```
+/// use amend_models::train::{causal_lm_loss_sum, TrainConfig, Trainer};
 /// use amend_models::{load, CausalLm, LoadOptions};
-/// # fn batches() -> Vec<(tch::Tensor, tch::Tensor)> { vec![] }
-/// let mut model = load("checkpoints/tiny", &LoadOptions::default())?;
-/// let mut trainer = Trainer::new(&model, TrainConfig { steps: 100, lr: 3e-4, ..Default::default() })?;
-/// let data = batches();
-/// trainer.fit(&mut model, |model, step| {
-///     let (ids, mask) = &data[step.index() % data.len()];
-///     let logits = model.forward(ids, Some(mask))?;
-///     let lp = amend_models::scoring::next_token_logprobs(&logits, ids)?;
-///     let loss = lp.f_neg()?.f_mean(tch::Kind::Float)?;
-///     step.backward(&loss)?;
+/// use amend_models::tokenizer::{pad_batch, PaddingSide};
+/// # let dir = "tests/fixtures/models/gpt2"; // a tiny random GPT-2
+/// let mut model = load(dir, &LoadOptions::default())?;
+/// let batch = pad_batch(&[vec![5, 6, 7, 8], vec![9, 10]], 0, PaddingSide::Right, tch::Device::Cpu)?;
+/// let cfg = TrainConfig { steps: 3, lr: 1e-3, progress: false, ..Default::default() };
+/// let mut trainer = Trainer::new(&model, cfg)?;
+/// let summary = trainer.fit(&mut model, |model, step| {
+///     // One micro-batch per step; with several, divide each sum by the step's total count.
+///     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask))?;
+///     let (sum, count) = causal_lm_loss_sum(&logits, &batch.input_ids, Some(&batch.attention_mask))?;
+///     step.backward(&sum.f_div_scalar(count)?)?;
+///     step.add_tokens(count as usize);
 ///     Ok(())
 /// })?;
+/// assert_eq!(summary.steps, 3);
 /// # Ok::<(), amend_models::Error>(())
 /// ```
 #[derive(Debug)]
@@ -276,7 +279,7 @@ impl Trainer {
             return Err(Error::invalid("Trainer::new", "lr", format!("{}", cfg.lr)));
         }
         if let Some(m) = cfg.max_grad_norm
-            && !(m > 0.0)
+            && (m.is_nan() || m <= 0.0)
         {
             return Err(Error::invalid(
                 "Trainer::new",
@@ -384,7 +387,7 @@ impl Trainer {
             seconds: t0.elapsed().as_secs_f64(),
         };
         if self.cfg.log_every > 0
-            && (self.step % self.cfg.log_every == 0 || self.step == self.cfg.steps)
+            && (self.step.is_multiple_of(self.cfg.log_every) || self.step == self.cfg.steps)
         {
             self.write_log(&report)?;
         }
@@ -432,7 +435,7 @@ impl Trainer {
             tokens += r.tokens;
             if let (Some(every), Some(dir)) =
                 (self.cfg.checkpoint_every, self.cfg.checkpoint_dir.clone())
-                && self.step % every == 0
+                && self.step.is_multiple_of(every)
             {
                 checkpoints.push(
                     self.save_checkpoint(model, &dir.join(format!("checkpoint-{}", self.step)))?,

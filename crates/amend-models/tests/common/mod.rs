@@ -10,8 +10,18 @@ use tch::{Kind, Tensor};
 /// The f32 parity tolerance against transformers (issue 5: within 1e-4).
 pub const PARITY: Tol = Tol { rel: 1e-4, abs: 1e-4 };
 
+/// One libtorch intra-op thread per test process: the test harness already runs tests in
+/// parallel, and libtorch's spinning OpenMP workers on top of that oversubscribe a 2-core
+/// machine badly (10-30x slower). Called by the fixture helpers below, so every test that touches
+/// a fixture gets it.
+pub fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tch::set_num_threads(1));
+}
+
 /// `crates/amend-models/tests/fixtures/models/<name>`.
 pub fn model_dir(name: &str) -> PathBuf {
+    setup();
     amend_testing::fixture_path(env!("CARGO_MANIFEST_DIR"), "models").join(name)
 }
 
