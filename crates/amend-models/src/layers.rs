@@ -139,7 +139,7 @@ pub(crate) enum MaskSpec {
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub input_ids: Tensor,
-    /// `[b, t]` positions for embeddings / RoPE.
+    /// Positions for embeddings / RoPE: `[b, t]`, or `[1, t]` when no row is padded.
     pub positions: Tensor,
     /// Key padding (`[b, past + t]` bool, `true` = token) when some position is padding.
     pub key_mask: Option<Tensor>,
@@ -223,9 +223,9 @@ pub(crate) fn prepare(
         }
     };
     let positions = match &key_mask {
+        // `[1, t]`: broadcast over the batch (cheaper embedding backward than `[b, t]`).
         None => Tensor::f_arange_start(past as i64, total as i64, (Kind::Int64, device))?
-            .f_unsqueeze(0)?
-            .f_expand([b as i64, t as i64], false)?,
+            .f_unsqueeze(0)?,
         Some(m) => m
             .f_to_kind(Kind::Int64)?
             .f_cumsum(1, Kind::Int64)?

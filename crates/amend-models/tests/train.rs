@@ -325,3 +325,33 @@ fn bf16_parameters_train_through_f32_master_weights() {
     let state = o16.state_tensors().unwrap();
     assert!(state.iter().any(|(n, t)| n == "master.w" && t.kind() == Kind::Float));
 }
+
+#[test]
+fn causal_lm_loss_sum_is_the_masked_next_token_nll() {
+    common::setup();
+    let logits = Tensor::randn([2, 5, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, 1, 2, 3]).view([2, 5]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 0, 1, 1, 1, 1, 1]).view([2, 5]);
+    let (sum, count) = causal_lm_loss_sum(&logits, &ids, Some(&mask)).unwrap();
+    let lp =
+        amend_models::scoring::next_token_logprobs(&logits.to_kind(Kind::Double), &ids).unwrap();
+    let keep = mask.narrow(1, 1, 4).to_kind(Kind::Double);
+    let want = -(lp * &keep).sum(Kind::Double).double_value(&[]);
+    assert_eq!(count, 6.0);
+    amend_testing::F32.assert_all_close("sum", &[sum.double_value(&[])], &[want]);
+    // A fully masked batch: loss 0 and gradient 0.
+    let zero = Tensor::zeros([2, 5], (Kind::Int64, Device::Cpu));
+    let (sum, count) = causal_lm_loss_sum(&logits, &ids, Some(&zero)).unwrap();
+    assert_eq!((sum.double_value(&[]), count), (0.0, 0.0));
+    sum.backward();
+    assert_eq!(logits.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
+    // Shapes are checked.
+    assert!(matches!(
+        causal_lm_loss_sum(&logits, &ids.narrow(1, 0, 4), None),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        causal_lm_loss_sum(&logits, &ids, Some(&mask.narrow(1, 0, 4))),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}

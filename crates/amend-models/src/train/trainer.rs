@@ -518,17 +518,36 @@ pub fn causal_lm_loss_sum(
     input_ids: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<(Tensor, f64)> {
-    let lp = crate::scoring::next_token_logprobs(logits, input_ids)?;
-    let t = lp.size()[1];
-    let nll = lp.f_neg()?;
-    match mask {
-        None => Ok((nll.f_sum(tch::Kind::Float)?, lp.numel() as f64)),
+    let op = "causal_lm_loss_sum";
+    let (ls, is) = (logits.size(), input_ids.size());
+    if ls.len() != 3 || is.len() != 2 || ls[..2] != is[..] || ls[1] < 2 {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: vec![is.first().copied().unwrap_or(0), is.get(1).copied().unwrap_or(0), -1],
+            got: ls,
+        });
+    }
+    if let Some(m) = mask
+        && m.size() != is
+    {
+        return Err(Error::ShapeMismatch { op, expected: is, got: m.size() });
+    }
+    let (b, t, v) = (ls[0], ls[1] - 1, ls[2]);
+    let pred = logits.f_narrow(1, 0, t)?.f_reshape([b * t, v])?;
+    let pred =
+        if pred.f_kind()? == tch::Kind::Float { pred } else { pred.f_to_kind(tch::Kind::Float)? };
+    let mut targets = input_ids.f_narrow(1, 1, t)?.f_to_kind(tch::Kind::Int64)?;
+    let count = match mask {
+        None => (b * t) as f64,
         Some(m) => {
             let keep = m.f_narrow(1, 1, t)?.f_ne(0)?;
-            let zero = nll.f_zeros_like()?;
-            let sum = nll.f_where_self(&keep, &zero)?.f_sum(tch::Kind::Float)?;
-            let count = keep.f_sum(tch::Kind::Int64)?.f_int64_value(&[])? as f64;
-            Ok((sum, count))
+            // Masking by selection: padded targets become the ignore index.
+            targets = targets.f_where_scalarother(&keep, -100)?;
+            keep.f_sum(tch::Kind::Int64)?.f_int64_value(&[])? as f64
         }
-    }
+    };
+    let targets = targets.f_reshape([b * t])?;
+    let sum =
+        pred.f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)?;
+    Ok((sum, count))
 }
