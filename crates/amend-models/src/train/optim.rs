@@ -248,11 +248,16 @@ impl AdamW {
                 if group.weight_decay != 0.0 {
                     let _ = theta.f_mul_scalar_(1.0 - lr * group.weight_decay)?;
                 }
+                // Same arithmetic as torch's single-tensor AdamW, with two temporaries.
                 let _ = st.exp_avg.f_lerp_(&g, 1.0 - b1)?;
                 let _ = st.exp_avg_sq.f_mul_scalar_(b2)?;
-                let _ = st.exp_avg_sq.f_addcmul_(&g.f_mul_scalar(1.0 - b2)?, &g)?;
-                let denom = st.exp_avg_sq.f_sqrt()?.f_div_scalar(bc2_sqrt)?.f_add_scalar(eps)?;
-                let _ = theta.f_addcdiv_(&st.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+                let _ = st.exp_avg_sq.f_add_(&g.f_square()?.f_mul_scalar_(1.0 - b2)?)?;
+                let mut denom = st.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_div_scalar_(bc2_sqrt)?;
+                let _ = denom.f_add_scalar_(eps)?;
+                let _ = st.exp_avg.f_div_out(&denom, &denom)?; // denom ← m / denom
+                let _ = denom.f_mul_scalar_(-step_size)?;
+                let _ = theta.f_add_(&denom)?;
                 if st.master.is_some() {
                     let mut target = p.f_detach()?;
                     target.f_copy_(&theta)?;

@@ -532,15 +532,20 @@ pub fn causal_lm_loss_sum(
     {
         return Err(Error::ShapeMismatch { op, expected: is, got: m.size() });
     }
-    let (b, t, v) = (ls[0], ls[1] - 1, ls[2]);
-    let pred = logits.f_narrow(1, 0, t)?.f_reshape([b * t, v])?;
+    let (b, t, v) = (ls[0], ls[1], ls[2]);
+    // Targets are the ids shifted left, with the ignore index at the last position, so the
+    // logits are used in place (no copy of `logits[:, :-1]`).
+    let pred = logits.f_reshape([b * t, v])?;
     let pred =
         if pred.f_kind()? == tch::Kind::Float { pred } else { pred.f_to_kind(tch::Kind::Float)? };
-    let mut targets = input_ids.f_narrow(1, 1, t)?.f_to_kind(tch::Kind::Int64)?;
+    let ids = input_ids.f_to_kind(tch::Kind::Int64)?;
+    let last = ids.f_narrow(1, 0, 1)?.f_full_like(-100)?;
+    let mut targets = Tensor::f_cat(&[&ids.f_narrow(1, 1, t - 1)?, &last], 1)?;
     let count = match mask {
-        None => (b * t) as f64,
+        None => (b * (t - 1)) as f64,
         Some(m) => {
-            let keep = m.f_narrow(1, 1, t)?.f_ne(0)?;
+            let keep = m.f_narrow(1, 1, t - 1)?.f_ne(0)?;
+            let keep = Tensor::f_cat(&[&keep, &last.f_ne(-100)?], 1)?;
             // Masking by selection: padded targets become the ignore index.
             targets = targets.f_where_scalarother(&keep, -100)?;
             keep.f_sum(tch::Kind::Int64)?.f_int64_value(&[])? as f64
