@@ -19,6 +19,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Info(cli::info::InfoArgs),
+    Score(cli::score::ScoreArgs),
+    Generate(cli::generate::GenerateArgs),
 }
 
 fn main() -> Result<()> {
@@ -31,5 +33,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Info(args) => cli::info::run(&args),
+        Command::Score(args) => cli::score::run(&args),
+        Command::Generate(args) => cli::generate::run(&args),
     }
 }

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-/// Errors returned by model loading, saving, tokenisation and generation.
+/// Errors returned by model loading, saving, tokenisation, generation and training.
 ///
-/// Every variant about a checkpoint names the file, tensor or config field at fault.
+/// Every variant about a checkpoint names the file, tensor or config field at fault; foreign
+/// errors (libtorch, I/O, JSON, safetensors, tokenizers) are kept as sources, never stringified.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -20,7 +21,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A JSON file could not be parsed.
+    /// A JSON file could not be parsed or written.
     #[error("{path}: invalid JSON: {source}")]
     Json {
         /// The file.
@@ -29,15 +30,50 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// A config field is missing, unknown or out of range.
+    /// A config field is missing, unknown, unsupported or out of range.
     #[error("{path}: config field `{field}`: {reason}")]
     Config {
-        /// The config file.
+        /// The config file (or `<in memory>` for configs built in code).
         path: PathBuf,
         /// The field.
         field: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The checkpoint's `model_type` is not one amend can run.
+    #[error(
+        "{path}: unsupported model_type `{model_type}` (supported: gpt2, llama, mistral, qwen2)"
+    )]
+    UnknownArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// The `model_type` found.
+        model_type: String,
+    },
+    /// A directory holds neither `model.safetensors` nor `model.safetensors.index.json`.
+    #[error("{path}: no model.safetensors or model.safetensors.index.json")]
+    NoWeights {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// A safetensors file is malformed (bad header, overlapping offsets, …).
+    #[error("{path}: invalid safetensors file: {source}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// The parser error.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// A safetensors file is shorter or longer than its header says (a truncated download).
+    #[error("{path}: safetensors file has {actual} bytes but its header describes {expected}")]
+    TruncatedFile {
+        /// The file.
+        path: PathBuf,
+        /// The length the header implies.
+        expected: u64,
+        /// The length on disk.
+        actual: u64,
     },
     /// A tensor a model needs is not in the checkpoint.
     #[error("{path}: missing tensor `{name}`")]
@@ -46,6 +82,16 @@ pub enum Error {
         path: PathBuf,
         /// The tensor name.
         name: String,
+    },
+    /// The checkpoint holds a tensor the model does not use (a different architecture or config).
+    #[error("{path}: unexpected tensor `{name}` (not used by this {model_type} configuration)")]
+    UnexpectedTensor {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The configuration's `model_type`.
+        model_type: String,
     },
     /// A tensor has the wrong shape for the configuration.
     #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected:?}")]
@@ -59,6 +105,45 @@ pub enum Error {
         /// The shape in the file.
         got: Vec<i64>,
     },
+    /// A tensor is stored in a dtype amend cannot load (only F32, BF16, F16 and F64 are).
+    #[error("{path}: tensor `{name}` has unsupported dtype {dtype}")]
+    TensorDtype {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype in the file.
+        dtype: String,
+    },
+    /// A tokenizer file could not be read or a text could not be (de)tokenised.
+    #[error("{}: tokenizer error: {source}", path.as_ref().map_or("<in memory>".into(), |p| p.display().to_string()))]
+    Tokenizer {
+        /// The tokenizer file, when one is involved.
+        path: Option<PathBuf>,
+        /// The tokenizers-crate error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The tokenizer can produce ids the model has no embedding for.
+    #[error(
+        "{path}: tokenizer has {tokenizer_vocab} tokens (largest id {max_id}) but the model's vocabulary has {model_vocab} rows"
+    )]
+    TokenizerVocab {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// Vocabulary size of the tokenizer (with added tokens).
+        tokenizer_vocab: usize,
+        /// Largest id the tokenizer can produce.
+        max_id: u32,
+        /// Rows of the model's embedding matrix.
+        model_vocab: usize,
+    },
+    /// The operation needs a tokenizer and the model has none.
+    #[error("{op}: the model has no tokenizer (load a directory with tokenizer.json)")]
+    NoTokenizer {
+        /// The operation.
+        op: &'static str,
+    },
     /// The input to a model call is invalid (shapes, token ids, options).
     #[error("{op}: invalid `{name}`: {reason}")]
     InvalidInput {
@@ -69,7 +154,72 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// Two tensors that must agree in shape do not.
+    #[error("{op}: shape mismatch: expected {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The expected shape.
+        expected: Vec<i64>,
+        /// The shape given.
+        got: Vec<i64>,
+    },
+    /// A parameter name is not part of the model.
+    #[error("{op}: no parameter named `{name}`")]
+    MissingParam {
+        /// The operation.
+        op: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// An optional capability of [`CausalLm`](crate::CausalLm) that this model does not provide.
+    #[error("{op} is not supported by {model_type} models")]
+    Unsupported {
+        /// The capability.
+        op: &'static str,
+        /// The model's `model_type`.
+        model_type: String,
+    },
+    /// A model cannot be written to the requested directory.
+    #[error("cannot write a model to {path}: {reason}")]
+    OutputDir {
+        /// The requested output directory.
+        path: PathBuf,
+        /// Why (it is the input directory, exists already, …).
+        reason: String,
+    },
+    /// A training run hit a non-finite loss or gradient norm.
+    #[error("training step {step}: non-finite {what} ({value})")]
+    NonFinite {
+        /// The optimizer step.
+        step: usize,
+        /// `loss` or `grad_norm`.
+        what: &'static str,
+        /// The value seen.
+        value: f64,
+    },
 }
 
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// An [`Error::InvalidInput`].
+    pub(crate) fn invalid(op: &'static str, name: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput { op, name, reason: reason.into() }
+    }
+
+    /// An [`Error::Config`].
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Config { path: path.into(), field: field.into(), reason: reason.into() }
+    }
+}

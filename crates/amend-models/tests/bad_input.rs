@@ -1,0 +1,308 @@
+//! Bad checkpoints and bad calls give typed errors naming the file, tensor or field; never a
+//! panic.
+
+mod common;
+
+use std::path::Path;
+
+use amend_models::{CausalLm, Error, GenerationConfig, LoadOptions, generate_ids, load};
+use common::{copy_to_temp, model_dir};
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use tch::{Kind, Tensor};
+
+/// Rewrites `dir/model.safetensors` through `edit`, which gets (name, dtype, shape, bytes) rows.
+fn rewrite_weights(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut rows: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut rows);
+    let views: Vec<(String, TensorView<'_>)> = rows
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn load_err(dir: &Path) -> Error {
+    match load(dir, &LoadOptions::default()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    rewrite_weights(d.path(), |rows| rows.retain(|r| r.0 != "transformer.h.1.mlp.c_fc.bias"));
+    match load_err(d.path()) {
+        Error::MissingTensor { name, .. } => assert_eq!(name, "transformer.h.1.mlp.c_fc.bias"),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn extra_tensor_is_named() {
+    let d = copy_to_temp(&model_dir("llama"));
+    rewrite_weights(d.path(), |rows| {
+        rows.push((
+            "model.layers.0.mlp.extra.weight".into(),
+            safetensors::Dtype::F32,
+            vec![2],
+            vec![0; 8],
+        ))
+    });
+    let e = load_err(d.path());
+    assert!(e.to_string().contains("model.layers.0.mlp.extra.weight"), "{e}");
+    match e {
+        Error::UnexpectedTensor { name, path, model_type } => {
+            assert_eq!(name, "model.layers.0.mlp.extra.weight");
+            assert!(path.ends_with("model.safetensors"));
+            assert_eq!(model_type, "llama");
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let d = copy_to_temp(&model_dir("qwen2"));
+    rewrite_weights(d.path(), |rows| {
+        let r = rows.iter_mut().find(|r| r.0 == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        r.2 = vec![r.2[1], r.2[0]];
+    });
+    match load_err(d.path()) {
+        Error::TensorShape { name, expected, got, .. } => {
+            assert_eq!(name, "model.layers.0.self_attn.k_proj.weight");
+            assert_eq!(expected, vec![16, 32]);
+            assert_eq!(got, vec![32, 16]);
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    rewrite_weights(d.path(), |rows| {
+        let r = rows.iter_mut().find(|r| r.0 == "transformer.ln_f.bias").unwrap();
+        r.1 = safetensors::Dtype::I32;
+    });
+    match load_err(d.path()) {
+        Error::TensorDtype { name, dtype, .. } => {
+            assert_eq!(name, "transformer.ln_f.bias");
+            assert_eq!(dtype, "I32");
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn truncated_safetensors_is_detected_before_reading() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let p = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    match load_err(d.path()) {
+        Error::TruncatedFile { path, expected, actual } => {
+            assert!(path.ends_with("model.safetensors"));
+            assert_eq!(expected, bytes.len() as u64);
+            assert_eq!(actual, (bytes.len() / 2) as u64);
+        }
+        e => panic!("{e:?}"),
+    }
+    // A file cut inside the header too.
+    std::fs::write(&p, &bytes[..20]).unwrap();
+    assert!(matches!(load_err(d.path()), Error::TruncatedFile { .. }));
+    std::fs::write(&p, &bytes[..3]).unwrap();
+    assert!(matches!(load_err(d.path()), Error::TruncatedFile { .. }));
+}
+
+#[test]
+fn corrupt_header_is_a_safetensors_error() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[8] = b'!';
+    std::fs::write(&p, &bytes).unwrap();
+    match load_err(d.path()) {
+        Error::Safetensors { path, .. } => assert!(path.ends_with("model.safetensors")),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn missing_weights_and_missing_shards_are_named() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    assert!(matches!(load_err(d.path()), Error::NoWeights { .. }));
+
+    let d = copy_to_temp(&model_dir("llama_sharded"));
+    std::fs::remove_file(d.path().join("model-00002-of-00004.safetensors")).unwrap();
+    match load_err(d.path()) {
+        Error::Io { path, .. } => assert!(path.ends_with("model-00002-of-00004.safetensors")),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    edit_config(d.path(), |v| v["model_type"] = "bert".into());
+    match load_err(d.path()) {
+        Error::UnknownArchitecture { model_type, path } => {
+            assert_eq!(model_type, "bert");
+            assert!(path.ends_with("config.json"));
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn unknown_config_field_is_named_and_can_be_allowed() {
+    let d = copy_to_temp(&model_dir("mistral"));
+    edit_config(d.path(), |v| v["attention_chunk_size"] = 8.into());
+    match load_err(d.path()) {
+        Error::Config { field, .. } => assert_eq!(field, "attention_chunk_size"),
+        e => panic!("{e:?}"),
+    }
+    let opts = LoadOptions {
+        unknown_config_fields: amend_models::UnknownFields::Warn,
+        ..LoadOptions::default()
+    };
+    load(d.path(), &opts).unwrap();
+}
+
+#[test]
+fn unsupported_config_values_are_named() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "llama",
+            |v| v["rope_parameters"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+            "rope_parameters.rope_type",
+        ),
+        ("llama", |v| v["hidden_act"] = "gelu_10".into(), "hidden_act"),
+        ("llama", |v| v["num_key_value_heads"] = 3.into(), "num_key_value_heads"),
+        ("gpt2", |v| v["n_positions"] = serde_json::Value::String("64".into()), "n_positions"),
+    ];
+    for (name, edit, field) in cases {
+        let d = copy_to_temp(&model_dir(name));
+        edit_config(d.path(), edit);
+        match load_err(d.path()) {
+            Error::Config { field: f, path, .. } => {
+                assert_eq!(f, field);
+                assert!(path.ends_with("config.json"));
+            }
+            e => panic!("{field}: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn invalid_json_is_named() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
+    match load_err(d.path()) {
+        Error::Json { path, .. } => assert!(path.ends_with("config.json")),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn tokenizer_larger_than_the_vocabulary_is_rejected() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let path = d.path().join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // A vocabulary entry whose id has no embedding row (the model has 320).
+    v["model"]["vocab"]["zzz_far"] = 400.into();
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    match load_err(d.path()) {
+        Error::TokenizerVocab { max_id, model_vocab, path, .. } => {
+            assert_eq!(max_id, 400);
+            assert_eq!(model_vocab, 320);
+            assert!(path.ends_with("tokenizer.json"));
+        }
+        e => panic!("{e:?}"),
+    }
+    std::fs::write(&path, "garbage").unwrap();
+    match load_err(d.path()) {
+        Error::Tokenizer { path, .. } => assert!(path.unwrap().ends_with("tokenizer.json")),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn bad_forward_inputs_are_typed_errors() {
+    let model = load(model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let ids = |v: &[i64], shape: &[i64]| Tensor::from_slice(v).view(shape);
+    let invalid = |r: amend_models::Result<Tensor>, name: &str| match r {
+        Err(Error::InvalidInput { name: n, .. }) => assert_eq!(n, name),
+        other => panic!("expected InvalidInput({name}), got {other:?}"),
+    };
+    invalid(model.forward(&ids(&[1, 2, 320], &[1, 3]), None), "input_ids");
+    invalid(model.forward(&ids(&[1, -1], &[1, 2]), None), "input_ids");
+    invalid(model.forward(&ids(&[1, 2], &[2]), None), "input_ids");
+    invalid(model.forward(&Tensor::from_slice(&[1.0f32, 2.0]).view([1, 2]), None), "input_ids");
+    invalid(
+        model.forward(&Tensor::zeros([1, 0], (Kind::Int64, tch::Device::Cpu)), None),
+        "input_ids",
+    );
+    invalid(
+        model.forward(&Tensor::ones([1, 65], (Kind::Int64, tch::Device::Cpu)), None),
+        "input_ids",
+    );
+    match model.forward(&ids(&[1, 2, 3], &[1, 3]), Some(&ids(&[1, 1], &[1, 2]))) {
+        Err(Error::ShapeMismatch { expected, got, .. }) => {
+            assert_eq!(expected, vec![1, 3]);
+            assert_eq!(got, vec![1, 2]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Generation settings.
+    let bad = [
+        GenerationConfig { temperature: 0.0, ..GenerationConfig::sampling(4, 1.0, 0) },
+        GenerationConfig { top_p: Some(1.5), ..GenerationConfig::sampling(4, 1.0, 0) },
+        GenerationConfig { top_k: Some(0), ..GenerationConfig::sampling(4, 1.0, 0) },
+        GenerationConfig { batch_size: 0, ..GenerationConfig::greedy(4) },
+        GenerationConfig::greedy(64), // prompt + 64 > 64 positions
+    ];
+    for cfg in bad {
+        assert!(
+            matches!(generate_ids(&model, &[vec![1, 2]], &cfg), Err(Error::InvalidInput { .. })),
+            "{cfg:?}"
+        );
+    }
+    // A KV cache of the wrong batch size.
+    let mut cache = model.new_kv_cache(2, 8).unwrap();
+    let r = model.forward_with(&ids(&[1, 2], &[1, 2]), None, Some(&mut cache), Default::default());
+    assert!(matches!(r, Err(Error::InvalidInput { name: "cache", .. })));
+}
+
+#[test]
+fn fully_padded_rows_stay_finite() {
+    let model = load(model_dir("llama"), &LoadOptions::default()).unwrap();
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 0, 0, 0]).view([2, 3]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 0, 0]).view([2, 3]);
+    let logits = model.forward_no_grad(&ids, Some(&mask)).unwrap();
+    assert!(logits.isfinite().all().int64_value(&[]) == 1);
+    let alone = model.forward_no_grad(&ids.narrow(0, 0, 1), None).unwrap();
+    assert!((logits.narrow(0, 0, 1) - alone).abs().max().double_value(&[]) < 1e-5);
+}

@@ -1,0 +1,163 @@
+//! `amend score`: per-token log-probabilities and perplexity of text under a model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use amend::models::{CausalLm, LoadOptions, ScoreOptions, TokenScores, UnknownFields, parse_kind};
+
+/// Score text with a model: the log-probability of every token given the tokens before it, and
+/// the perplexity.
+///
+/// The first token of a text has nothing to be predicted from: models whose tokenizer adds a BOS
+/// token (Llama, amend's tiny models) score every word; for GPT-2 pass --prepend-bos to score the
+/// first word after <|endoftext|>. Prints one line per token (position, token, log-prob) and a
+/// summary per text, or everything as JSON with --json.
+///
+/// Example: amend score --model ./gpt2 --text "The cat sat on the mat." --prepend-bos
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A text to score (repeat for several).
+    #[arg(long, value_name = "T", required_unless_present = "file", conflicts_with = "file")]
+    pub text: Vec<String>,
+    /// A UTF-8 file to score: the whole file is one text (see --lines).
+    #[arg(long, value_name = "F")]
+    pub file: Option<PathBuf>,
+    /// With --file: score every non-empty line as its own text.
+    #[arg(long, requires = "file")]
+    pub lines: bool,
+    /// Put the BOS token (GPT-2: <|endoftext|>) before each text so its first token is scored.
+    #[arg(long)]
+    pub prepend_bos: bool,
+    /// Do not apply the tokenizer's special-token post-processing (e.g. Llama's BOS).
+    #[arg(long)]
+    pub no_special_tokens: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Parameter dtype: f32, bf16, f16 or f64.
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: String,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub batch_size: usize,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<i32>,
+    /// Load configs with unknown config.json fields (with a warning) instead of failing.
+    #[arg(long)]
+    pub allow_unknown_config: bool,
+}
+
+/// Runs `amend score`.
+pub fn run(args: &ScoreArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let kind =
+        parse_kind(&args.dtype).with_context(|| format!("unknown --dtype `{}`", args.dtype))?;
+    let texts: Vec<String> = match &args.file {
+        Some(f) => {
+            let s = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            if args.lines {
+                s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+            } else {
+                vec![s]
+            }
+        }
+        None => args.text.clone(),
+    };
+    if texts.is_empty() {
+        bail!("nothing to score");
+    }
+    let opts = LoadOptions {
+        kind,
+        unknown_config_fields: if args.allow_unknown_config {
+            UnknownFields::Warn
+        } else {
+            UnknownFields::Reject
+        },
+        ..LoadOptions::default()
+    };
+    let model = amend::models::load(&args.model, &opts)
+        .with_context(|| format!("cannot load a model from {}", args.model.display()))?;
+    let tok = model.tokenizer().context("the model directory has no tokenizer.json")?;
+    let sopts = ScoreOptions {
+        add_special_tokens: !args.no_special_tokens,
+        prepend_bos: args.prepend_bos,
+        batch_size: args.batch_size.max(1),
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let scores = amend::models::score_texts(&model, &refs, &sopts)?;
+    let overall = amend::models::corpus_perplexity(&scores);
+    let total: usize = scores.iter().map(TokenScores::count).sum();
+    let piece = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+    if args.json {
+        let items: Vec<_> = texts
+            .iter()
+            .zip(&scores)
+            .map(|(text, s)| {
+                let tokens: Vec<_> = s
+                    .token_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| {
+                        let lp = i.checked_sub(s.first_scored).map(|j| s.logprobs[j]);
+                        json!({ "id": id, "token": tok.id_to_token(id), "text": piece(id), "logprob": lp })
+                    })
+                    .collect();
+                json!({
+                    "text": text,
+                    "tokens": tokens,
+                    "num_scored": s.count(),
+                    "sum_logprob": s.sum_logprob(),
+                    "mean_nll": s.mean_nll(),
+                    "perplexity": s.perplexity(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "model": args.model,
+            "texts": items,
+            "num_scored": total,
+            "perplexity": overall,
+        });
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&out)?));
+    }
+    let mut out = String::new();
+    for (n, s) in scores.iter().enumerate() {
+        out += &format!("text {}: {} tokens, {} scored\n", n + 1, s.token_ids.len(), s.count());
+        for (i, &id) in s.token_ids.iter().enumerate() {
+            let shown = format!("{:?}", piece(id));
+            out += &match i.checked_sub(s.first_scored) {
+                Some(j) => format!("{i:>6}  {shown:<24} {:>10.4}\n", s.logprobs[j]),
+                None => format!("{i:>6}  {shown:<24} {:>10}\n", "-"),
+            };
+        }
+        out += &format!(
+            "sum logprob {:.4}   mean nll {:.4}   perplexity {:.4}\n\n",
+            s.sum_logprob(),
+            s.mean_nll(),
+            s.perplexity()
+        );
+    }
+    if scores.len() > 1 {
+        out += &format!("all texts: {total} scored tokens, perplexity {overall:.4}\n");
+    }
+    emit(&out)
+}
+
+/// Writes `text` to stdout; a closed pipe (`amend score … | head`) is not an error.
+pub(crate) fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
