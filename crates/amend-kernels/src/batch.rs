@@ -146,8 +146,8 @@ pub(crate) fn check_row_scale(op: &'static str, rows: usize, scale: Option<&[f32
 pub(crate) fn check_finite_param(
     op: &'static str,
     name: &'static str,
-    v: f32,
-    min: f32,
+    v: f64,
+    min: f64,
     min_inclusive: bool,
 ) -> Result<()> {
     let ok = v.is_finite() && if min_inclusive { v >= min } else { v > min };

@@ -64,8 +64,9 @@ pub fn selected_logp_naive(
             label_at(OP, r, l, vocab, cfg.ignore_index)?;
         }
     }
-    let k = 1.0 / cfg.temperature;
-    let cap = |x: f32| match cfg.softcap {
+    let k = (1.0 / cfg.temperature) as f32;
+    let softcap = cfg.softcap.map(|c| c as f32);
+    let cap = |x: f32| match softcap {
         Some(c) => c * (x / c).tanh(),
         None => x,
     };
@@ -97,9 +98,9 @@ pub fn selected_logp_naive(
         let lns = s.ln();
         let lse = m + lns;
         let logp = cap(z[y]) * k - lse;
-        let eps = cfg.label_smoothing;
+        let eps = cfg.label_smoothing as f32;
         let ce = if eps > 0.0 { -(1.0 - eps) * logp - eps * (sl / vp as f32 - lns) } else { -logp };
-        let zl = cfg.lse_square_scale;
+        let zl = cfg.lse_square_scale as f32;
         let loss = a * (ce + zl * lse * lse);
         // Pass 3: gradient, exponentials recomputed.
         if let Some(g) = grad {
@@ -108,7 +109,7 @@ pub fn selected_logp_naive(
                 let p = (x - lse).exp();
                 let onehot = if v == y { 1.0 - eps } else { 0.0 };
                 let uni = if x != NEG_INF && eps > 0.0 { eps / vp as f32 } else { 0.0 };
-                let d = cfg.softcap.map_or(1.0, |c| 1.0 - (z[v] / c).tanh().powi(2));
+                let d = softcap.map_or(1.0, |c| 1.0 - (z[v] / c).tanh().powi(2));
                 *gv = a * k * (p * (1.0 + 2.0 * zl * lse) - onehot - uni) * d;
             }
         }
@@ -143,8 +144,8 @@ pub fn token_kl_naive(
     batch::check_row_scale(OP, rows, row_scale)?;
     let active = |r: usize| row_scale.is_none_or(|s| s[r] != 0.0);
     check_target(OP, &target, rows, vocab, active, cfg.ignore_index)?;
-    let k = 1.0 / cfg.temperature;
-    let eps = cfg.smoothing_eps;
+    let k = (1.0 / cfg.temperature) as f32;
+    let eps = cfg.smoothing_eps as f32;
     let divergence = cfg.value == KlValue::Divergence;
     let f = |r: usize, mut buf: RowBuf<'_>, scratch: &mut Scratch| -> Result<Option<RowOut>> {
         let a = row_scale.map_or(1.0, |s| s[r]);

@@ -135,12 +135,9 @@ pub fn selected_logp_ref(
 }
 
 fn ce_row_ref(z: &[f64], y: usize, cfg: &SelectedLogpConfig, a: f64, floor: Option<f64>) -> RowRef {
-    let k = 1.0 / f64::from(cfg.temperature);
+    let k = 1.0 / cfg.temperature;
     let (zt, dcap): (Vec<f64>, Vec<f64>) = match cfg.softcap {
-        Some(c) => {
-            let c = f64::from(c);
-            z.iter().map(|&x| ((x / c).tanh() * c, 1.0 - (x / c).tanh().powi(2))).unzip()
-        }
+        Some(c) => z.iter().map(|&x| ((x / c).tanh() * c, 1.0 - (x / c).tanh().powi(2))).unzip(),
         None => (z.to_vec(), vec![1.0; z.len()]),
     };
     let zs: Vec<f64> = zt.iter().map(|&x| x * k).collect();
@@ -149,8 +146,8 @@ fn ce_row_ref(z: &[f64], y: usize, cfg: &SelectedLogpConfig, a: f64, floor: Opti
     let p: Vec<f64> = l.iter().map(|&v| v.exp()).collect();
     let supp: Vec<bool> = zs.iter().map(|&x| x != NEG_INF).collect();
     let vp = supp.iter().filter(|&&s| s).count() as f64;
-    let eps = f64::from(cfg.label_smoothing);
-    let zl = f64::from(cfg.lse_square_scale);
+    let eps = cfg.label_smoothing;
+    let zl = cfg.lse_square_scale;
     if let Some(f) = floor.filter(|&f| l[y] < f) {
         return RowRef { loss: -a * f, grad: vec![0.0; z.len()], lse: lse_v, logp: l[y] };
     }
@@ -255,8 +252,8 @@ pub fn token_kl_ref(
     let c = KlRowCfg {
         reverse: cfg.direction == KlDirection::Reverse,
         divergence: cfg.value == KlValue::Divergence,
-        eps: f64::from(cfg.smoothing_eps),
-        k: 1.0 / f64::from(cfg.temperature),
+        eps: cfg.smoothing_eps,
+        k: 1.0 / cfg.temperature,
     };
     let mut out = RefOutput::new(rows, vocab);
     for r in 0..rows {
@@ -364,7 +361,7 @@ pub fn unlikelihood_ref(
             continue;
         }
         let z = &logits[r * vocab..(r + 1) * vocab];
-        out.set(r, vocab, ul_row_ref(z, nll, &cands, f64::from(cfg.alpha), a));
+        out.set(r, vocab, ul_row_ref(z, nll, &cands, cfg.alpha, a));
     }
     Ok(out.finish())
 }
@@ -390,8 +387,8 @@ pub fn tnt_ref(
     cfg.validate(OP)?;
     batch::check_len(OP, "labels", rows, labels.len())?;
     batch::check_len(OP, "weights", rows, weights.len())?;
-    let alpha = f64::from(cfg.alpha);
-    let eps = f64::from(cfg.smoothing_eps);
+    let alpha = cfg.alpha;
+    let eps = cfg.smoothing_eps;
     let div = cfg.forward_value == KlValue::Divergence;
     let mut out = RefOutput::new(rows, vocab);
     for r in 0..rows {
@@ -440,9 +437,7 @@ pub fn tnt_ref(
             (TntVariant::Tnfll | TntVariant::Nl { .. } | TntVariant::UlAnnotated, false) => {
                 ce_row_ref(z, y, &nll_cfg, 1.0, None)
             }
-            (TntVariant::Nl { threshold }, true) => {
-                ce_row_ref(z, y, &nll_cfg, -alpha, threshold.map(f64::from))
-            }
+            (TntVariant::Nl { threshold }, true) => ce_row_ref(z, y, &nll_cfg, -alpha, threshold),
             (TntVariant::UlAnnotated, true) => ul_row_ref(z, None, &[y], alpha, 1.0),
         };
         out.set(r, vocab, row);

@@ -19,13 +19,13 @@ pub struct SelectedLogpConfig {
     pub ignore_index: Option<i64>,
     /// Label smoothing `ε ∈ [0, 1]` (PyTorch convention, over the row vocabulary `V'`).
     /// Default 0.
-    pub label_smoothing: f32,
+    pub label_smoothing: f64,
     /// z-loss weight `s ≥ 0`: adds `s·lse²`. Default 0.
-    pub lse_square_scale: f32,
+    pub lse_square_scale: f64,
     /// Logit soft-capping `c > 0`: `z ← c·tanh(z/c)` before everything (Gemma 2). Default off.
-    pub softcap: Option<f32>,
+    pub softcap: Option<f64>,
     /// Temperature `T > 0`: the logits are divided by `T`. Default 1.
-    pub temperature: f32,
+    pub temperature: f64,
     /// Number of threads the rows are split over (scoped threads, no global pool). Default 1.
     pub threads: usize,
 }
@@ -50,22 +50,22 @@ impl SelectedLogpConfig {
         self
     }
     /// Sets [`SelectedLogpConfig::label_smoothing`].
-    pub fn with_label_smoothing(mut self, v: f32) -> Self {
+    pub fn with_label_smoothing(mut self, v: f64) -> Self {
         self.label_smoothing = v;
         self
     }
     /// Sets [`SelectedLogpConfig::lse_square_scale`].
-    pub fn with_lse_square_scale(mut self, v: f32) -> Self {
+    pub fn with_lse_square_scale(mut self, v: f64) -> Self {
         self.lse_square_scale = v;
         self
     }
     /// Sets [`SelectedLogpConfig::softcap`].
-    pub fn with_softcap(mut self, v: Option<f32>) -> Self {
+    pub fn with_softcap(mut self, v: Option<f64>) -> Self {
         self.softcap = v;
         self
     }
     /// Sets [`SelectedLogpConfig::temperature`].
-    pub fn with_temperature(mut self, v: f32) -> Self {
+    pub fn with_temperature(mut self, v: f64) -> Self {
         self.temperature = v;
         self
     }
@@ -196,10 +196,10 @@ pub fn selected_logp(
     }
     let spec = |y: usize, scale: f32| CeSpec {
         label: y,
-        smoothing: cfg.label_smoothing,
-        z_loss: cfg.lse_square_scale,
-        softcap: cfg.softcap,
-        k: 1.0 / cfg.temperature,
+        smoothing: cfg.label_smoothing as f32,
+        z_loss: cfg.lse_square_scale as f32,
+        softcap: cfg.softcap.map(|c| c as f32),
+        k: (1.0 / cfg.temperature) as f32,
         scale,
         floor: None,
     };

@@ -45,7 +45,7 @@ pub enum TntVariant {
     /// (`None` disables the floor).
     Nl {
         /// The floor `θ` on `log p_y` of negative positions (token-losses default −10.3).
-        threshold: Option<f32>,
+        threshold: Option<f64>,
     },
     /// Unlikelihood on the annotated token (t5patches `ULModel`).
     UlAnnotated,
@@ -74,10 +74,10 @@ pub struct TntKernelConfig {
     /// The objective.
     pub variant: TntVariant,
     /// Weight `α ≥ 0` of negative positions. Default `1e4` (upstream).
-    pub alpha: f32,
+    pub alpha: f64,
     /// Smoothing `ε > 0` of the reverse-form targets (`Tnrr`, `Tnrf`, `Tnrll`). Default `1e-6`
     /// (upstream); the uniform mass `V'ε/(1 + V'ε)` grows with the vocabulary (token-losses §3).
-    pub smoothing_eps: f32,
+    pub smoothing_eps: f64,
     /// Value reported by forward terms. Default [`KlValue::CrossEntropy`] (upstream).
     pub forward_value: KlValue,
     /// Number of threads the rows are split over. Default 1.
@@ -96,12 +96,12 @@ impl TntKernelConfig {
         }
     }
     /// Sets [`TntKernelConfig::alpha`].
-    pub fn with_alpha(mut self, v: f32) -> Self {
+    pub fn with_alpha(mut self, v: f64) -> Self {
         self.alpha = v;
         self
     }
     /// Sets [`TntKernelConfig::smoothing_eps`].
-    pub fn with_smoothing_eps(mut self, v: f32) -> Self {
+    pub fn with_smoothing_eps(mut self, v: f64) -> Self {
         self.smoothing_eps = v;
         self
     }
@@ -219,8 +219,8 @@ pub fn tnt(
             batch::label_at(OP, r, y, vocab, None)?;
         }
     }
-    let eps = cfg.smoothing_eps;
-    let alpha = cfg.alpha;
+    let eps = cfg.smoothing_eps as f32;
+    let alpha = cfg.alpha as f32;
     let fwd_div = cfg.forward_value == KlValue::Divergence;
     let f = |r: usize, buf: RowBuf<'_>, scratch: &mut Scratch| {
         let w = weights[r];
@@ -266,9 +266,13 @@ pub fn tnt(
             (TntVariant::Tnfll | TntVariant::Nl { .. } | TntVariant::UlAnnotated, false) => {
                 ce_row(OP, r, buf, scratch, nll)
             }
-            (TntVariant::Nl { threshold }, true) => {
-                ce_row(OP, r, buf, scratch, CeSpec { scale: -alpha, floor: threshold, ..nll })
-            }
+            (TntVariant::Nl { threshold }, true) => ce_row(
+                OP,
+                r,
+                buf,
+                scratch,
+                CeSpec { scale: -alpha, floor: threshold.map(|t| t as f32), ..nll },
+            ),
             (TntVariant::UlAnnotated, true) => {
                 let spec = UlSpec { nll: None, cands: &[y], alpha, scale: 1.0 };
                 ul_row(OP, r, buf, scratch, spec)

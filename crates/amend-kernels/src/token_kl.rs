@@ -75,10 +75,10 @@ pub struct TokenKlConfig {
     /// Smoothing `ε ≥ 0`: the target becomes `S_ε(t) = (t + ε)/(1 + V'ε)` over the row
     /// vocabulary. Required `> 0` for reverse KL to a one-hot or token-excluding target (whose
     /// reverse KL is `+inf` otherwise). Default 0.
-    pub smoothing_eps: f32,
+    pub smoothing_eps: f64,
     /// Temperature `T > 0`: logits and reference logits are divided by `T`, and the gradient
     /// carries the `1/T` (a `T²` factor, as in distillation, is the caller's). Default 1.
-    pub temperature: f32,
+    pub temperature: f64,
     /// Rows whose label equals this value are inactive ([`KlTarget::OneHot`] only). Default
     /// `-100`.
     pub ignore_index: Option<i64>,
@@ -111,12 +111,12 @@ impl TokenKlConfig {
         self
     }
     /// Sets [`TokenKlConfig::smoothing_eps`].
-    pub fn with_smoothing_eps(mut self, v: f32) -> Self {
+    pub fn with_smoothing_eps(mut self, v: f64) -> Self {
         self.smoothing_eps = v;
         self
     }
     /// Sets [`TokenKlConfig::temperature`].
-    pub fn with_temperature(mut self, v: f32) -> Self {
+    pub fn with_temperature(mut self, v: f64) -> Self {
         self.temperature = v;
         self
     }
@@ -134,8 +134,8 @@ impl TokenKlConfig {
 
 /// Validates a smoothing epsilon: finite, `≥ 0`, and a normal f32 when positive (the logarithm
 /// of the smoothed target is evaluated at values down to `ε`).
-pub(crate) fn check_eps(op: &'static str, eps: f32, required: bool) -> Result<()> {
-    let ok = eps.is_finite() && (eps == 0.0 || eps >= f32::MIN_POSITIVE) && eps >= 0.0;
+pub(crate) fn check_eps(op: &'static str, eps: f64, required: bool) -> Result<()> {
+    let ok = eps.is_finite() && (eps == 0.0 || eps >= f64::from(f32::MIN_POSITIVE)) && eps >= 0.0;
     if !ok || (required && eps == 0.0) {
         let need = if required { "> 0" } else { "0 or ≥ 1.2e-38" };
         return Err(KernelError::InvalidArg {
@@ -257,7 +257,8 @@ pub fn token_kl(
     batch::check_row_scale(OP, rows, row_scale)?;
     let active = |r: usize| row_scale.is_none_or(|s| s[r] != 0.0);
     check_target(OP, &target, rows, vocab, active, cfg.ignore_index)?;
-    let k = 1.0 / cfg.temperature;
+    let k = (1.0 / cfg.temperature) as f32;
+    let eps = cfg.smoothing_eps as f32;
     let reverse = cfg.direction == KlDirection::Reverse;
     let divergence = cfg.value == KlValue::Divergence;
     let f = |r: usize, buf: RowBuf<'_>, scratch: &mut Scratch| {
@@ -279,7 +280,7 @@ pub fn token_kl(
             }
             KlTarget::LogProbs { log_target } => Base::LogProbs(&log_target[span]),
         };
-        let spec = KlSpec { reverse, base, eps: cfg.smoothing_eps, divergence, k, scale };
+        let spec = KlSpec { reverse, base, eps, divergence, k, scale };
         kl_row(OP, r, buf, scratch, spec).map(Some)
     };
     batch::run(OP, io, vocab, cfg.threads, loss, Aux::none(), &f)

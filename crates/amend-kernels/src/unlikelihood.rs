@@ -81,7 +81,7 @@ impl<'a> Candidates<'a> {
 #[serde(default)]
 pub struct UnlikelihoodConfig {
     /// Weight `α ≥ 0` of the unlikelihood term. Default 1 (Welleck et al.'s README value).
-    pub alpha: f32,
+    pub alpha: f64,
     /// Rows whose NLL label equals this value get no NLL term. Default `-100`.
     pub ignore_index: Option<i64>,
     /// Number of threads the rows are split over. Default 1.
@@ -96,7 +96,7 @@ impl Default for UnlikelihoodConfig {
 
 impl UnlikelihoodConfig {
     /// Sets [`UnlikelihoodConfig::alpha`].
-    pub fn with_alpha(mut self, v: f32) -> Self {
+    pub fn with_alpha(mut self, v: f64) -> Self {
         self.alpha = v;
         self
     }
@@ -215,7 +215,7 @@ pub fn unlikelihood(
         let out = if nll.is_none() && cands.is_empty() {
             Ok(None)
         } else {
-            let spec = UlSpec { nll, cands: &cands, alpha: cfg.alpha, scale };
+            let spec = UlSpec { nll, cands: &cands, alpha: cfg.alpha as f32, scale };
             ul_row(OP, r, buf, scratch, spec).map(Some)
         };
         scratch.cands = cands;

@@ -10,8 +10,8 @@ use amend_kernels::{
     TntKernelConfig, TntVariant, TokenKlConfig, UnlikelihoodConfig, selected_logp, tnt, token_kl,
     unlikelihood,
 };
-use amend_testing::{F32, F32_GRAD, load_json_fixture};
 use amend_testing::Tol;
+use amend_testing::{F32, F32_GRAD, load_json_fixture};
 use common::{ORACLE, close32, ints, nums, to_f32};
 
 /// The naive siblings sum in sequential f32 and recompute exponentials; their gradients are held
@@ -27,8 +27,8 @@ fn cases(op: &str) -> Vec<Value> {
     cases
 }
 
-fn f32_opt(v: &Value) -> Option<f32> {
-    v.as_f64().map(|x| x as f32)
+fn f64_opt(v: &Value) -> Option<f64> {
+    v.as_f64()
 }
 
 #[test]
@@ -40,10 +40,10 @@ fn selected_logp_matches_torch_fixture() {
         let labels = ints(&c["labels"]);
         let scale = nums(&c["row_scale"]);
         let cfg = SelectedLogpConfig::default()
-            .with_label_smoothing(c["label_smoothing"].as_f64().unwrap() as f32)
-            .with_lse_square_scale(c["lse_square_scale"].as_f64().unwrap() as f32)
-            .with_softcap(f32_opt(&c["softcap"]))
-            .with_temperature(c["temperature"].as_f64().unwrap() as f32);
+            .with_label_smoothing(c["label_smoothing"].as_f64().unwrap())
+            .with_lse_square_scale(c["lse_square_scale"].as_f64().unwrap())
+            .with_softcap(f64_opt(&c["softcap"]))
+            .with_temperature(c["temperature"].as_f64().unwrap());
         let (loss_e, grad_e) = (nums(&c["loss"]), nums(&c["grad"]));
         let (lse_e, logp_e) = (nums(&c["lse"]), nums(&c["logp"]));
 
@@ -93,8 +93,8 @@ fn token_kl_matches_torch_fixture() {
             } else {
                 KlValue::CrossEntropy
             })
-            .with_smoothing_eps(c["smoothing_eps"].as_f64().unwrap() as f32)
-            .with_temperature(c["temperature"].as_f64().unwrap() as f32);
+            .with_smoothing_eps(c["smoothing_eps"].as_f64().unwrap())
+            .with_temperature(c["temperature"].as_f64().unwrap());
         let (loss_e, grad_e) = (nums(&c["loss"]), nums(&c["grad"]));
         let zr = c.get("ref_logits").map(nums);
         let exclude = c.get("exclude").filter(|e| !e.is_null()).map(ints);
@@ -148,15 +148,23 @@ fn unlikelihood_matches_torch_fixture() {
         let offsets: Vec<usize> = ints(&c["offsets"]).into_iter().map(|o| o as usize).collect();
         let ids = ints(&c["ids"]);
         let cands = Candidates::Csr { offsets: &offsets, ids: &ids };
-        let cfg = UnlikelihoodConfig::default().with_alpha(c["alpha"].as_f64().unwrap() as f32);
+        let cfg = UnlikelihoodConfig::default().with_alpha(c["alpha"].as_f64().unwrap());
         let (loss_e, grad_e) = (nums(&c["loss"]), nums(&c["grad"]));
         let o = unlikelihood_ref(&z, vocab, labels.as_deref(), cands, None, &cfg).unwrap();
         ORACLE.assert_all_close(&format!("{name} oracle loss"), &o.loss, &loss_e);
         ORACLE.assert_all_close(&format!("{name} oracle grad"), &o.grad, &grad_e);
         let zf = to_f32(&z);
         let (mut g, mut l) = (vec![0.0; zf.len()], vec![0.0; loss_e.len()]);
-        unlikelihood(LogitsIo::grad(&zf, &mut g), vocab, labels.as_deref(), cands, None, &cfg, &mut l)
-            .unwrap();
+        unlikelihood(
+            LogitsIo::grad(&zf, &mut g),
+            vocab,
+            labels.as_deref(),
+            cands,
+            None,
+            &cfg,
+            &mut l,
+        )
+        .unwrap();
         close32(F32, &format!("{name} loss"), &l, &loss_e);
         close32(F32_GRAD, &format!("{name} grad"), &g, &grad_e);
     }
@@ -176,12 +184,12 @@ fn tnt_matches_torch_fixture() {
             "tnrf" => TntVariant::Tnrf,
             "tnfll" => TntVariant::Tnfll,
             "tnrll" => TntVariant::Tnrll,
-            "nl" => TntVariant::Nl { threshold: Some(c["threshold"].as_f64().unwrap() as f32) },
+            "nl" => TntVariant::Nl { threshold: Some(c["threshold"].as_f64().unwrap()) },
             _ => TntVariant::UlAnnotated,
         };
         let cfg = TntKernelConfig::new(variant)
-            .with_alpha(c["alpha"].as_f64().unwrap() as f32)
-            .with_smoothing_eps(c["smoothing_eps"].as_f64().unwrap() as f32);
+            .with_alpha(c["alpha"].as_f64().unwrap())
+            .with_smoothing_eps(c["smoothing_eps"].as_f64().unwrap());
         let (loss_e, grad_e) = (nums(&c["loss"]), nums(&c["grad"]));
         let o = tnt_ref(&z, vocab, Some(&zr), &labels, &w, &cfg).unwrap();
         ORACLE.assert_all_close(&format!("{name} oracle loss"), &o.loss, &loss_e);

@@ -54,7 +54,10 @@ fn exp_special_values() {
         assert!(y[5].is_nan(), "{level:?}: NaN propagates");
         assert_eq!(y[6], f32::INFINITY, "{level:?}");
         assert_eq!(y[7], f32::INFINITY, "{level:?}");
-        assert!(y[8] > 0.0 && y[8].is_normal(), "{level:?}: exp(-87.3) is the smallest normal result");
+        assert!(
+            y[8] > 0.0 && y[8].is_normal(),
+            "{level:?}: exp(-87.3) is the smallest normal result"
+        );
     }
 }
 
