@@ -236,18 +236,18 @@ fn reverse_row(
     let lns = s.ln();
     let vp = if neg_inf && eps > 0.0 { simd::sum_shifted(z, m, k).0 } else { z.len() };
     let c = (vp as f64 * f64::from(eps)).ln_1p() as f32;
-    // s2 ← log d.
+    // s2 ← log d (or, for an unsmoothed reference, z° itself: see `simd::rev_acc`).
+    let mut direct = None;
     match base {
         Base::Ref { zr, exclude } => {
             if eps > 0.0 {
                 let sr = simd::exp_sum(zr, mask, ref_max, k, Some(&mut *s2), exclude);
                 simd::ln_affine(s2, 1.0 / sr, eps, c);
             } else {
+                // `exclude` is rejected with ε = 0 (the divergence would be +inf).
                 let sr = simd::exp_sum(zr, mask, ref_max, k, None, exclude);
-                simd::affine(zr, ref_max, k, sr.ln(), s2);
-                if let Some(y) = exclude {
-                    s2[y] = NEG_INF;
-                }
+                s2.copy_from_slice(zr);
+                direct = Some((m - ref_max) * k + lns - sr.ln());
             }
         }
         Base::OneHot(y) => {
@@ -266,7 +266,10 @@ fn reverse_row(
         }
     }
     let inv_s = 1.0 / s;
-    let l = simd::rev_acc(z, m, k, lns, s1, inv_s, s2);
+    let l = match direct {
+        Some(c) => simd::rev_acc(true, z, m, k, c, s1, inv_s, s2),
+        None => simd::rev_acc(false, z, m, k, lns, s1, inv_s, s2),
+    };
     if let Some(g) = buf.grad() {
         simd::rev_grad(s1, inv_s, s2, l, scale * k, g);
     }

@@ -11,11 +11,11 @@ use amend_kernels::{
     unlikelihood,
 };
 use amend_testing::Tol;
-use amend_testing::{F32, F32_GRAD, load_json_fixture};
-use common::{ORACLE, close32, ints, nums, to_f32};
+use amend_testing::{F32, load_json_fixture};
+use common::{GRAD, ORACLE, close32, ints, nums, to_f32};
 
 /// The naive siblings sum in sequential f32 and recompute exponentials; their gradients are held
-/// to a slightly looser bound than the fused kernels' `F32_GRAD`.
+/// to a slightly looser bound than the fused kernels' `GRAD`.
 const NAIVE_GRAD: Tol = Tol { rel: 1e-5, abs: 2e-6 };
 use serde_json::Value;
 
@@ -67,7 +67,7 @@ fn selected_logp_matches_torch_fixture() {
             }
             let tag = if naive { "naive" } else { "fused" };
             close32(F32, &format!("{name} {tag} loss"), &l, &loss_e);
-            let gtol = if naive { NAIVE_GRAD } else { F32_GRAD };
+            let gtol = if naive { NAIVE_GRAD } else { GRAD };
             close32(gtol, &format!("{name} {tag} grad"), &g, &grad_e);
             close32(F32, &format!("{name} {tag} lse"), &lse, &lse_e);
             close32(F32, &format!("{name} {tag} logp"), &lp, &logp_e);
@@ -132,7 +132,7 @@ fn token_kl_matches_torch_fixture() {
             }
             let tag = if naive { "naive" } else { "fused" };
             close32(F32, &format!("{name} {tag} loss"), &l, &loss_e);
-            let gtol = if naive { NAIVE_GRAD } else { F32_GRAD };
+            let gtol = if naive { NAIVE_GRAD } else { GRAD };
             close32(gtol, &format!("{name} {tag} grad"), &g, &grad_e);
         }
     }
@@ -166,7 +166,7 @@ fn unlikelihood_matches_torch_fixture() {
         )
         .unwrap();
         close32(F32, &format!("{name} loss"), &l, &loss_e);
-        close32(F32_GRAD, &format!("{name} grad"), &g, &grad_e);
+        close32(GRAD, &format!("{name} grad"), &g, &grad_e);
     }
 }
 
@@ -198,6 +198,6 @@ fn tnt_matches_torch_fixture() {
         let (mut g, mut l) = (vec![0.0; zf.len()], vec![0.0; labels.len()]);
         tnt(LogitsIo::grad(&zf, &mut g), vocab, Some(&zrf), &labels, &wf, &cfg, &mut l).unwrap();
         close32(F32, &format!("{name} loss"), &l, &loss_e);
-        close32(F32_GRAD, &format!("{name} grad"), &g, &grad_e);
+        close32(GRAD, &format!("{name} grad"), &g, &grad_e);
     }
 }

@@ -561,24 +561,48 @@ fn batch_12_3_gradients() {
         let c = cfg(v, 2.0);
         let expected = rows_g(&g);
         let (_, g32, _) = run32(&c, 4, &Z_B, &ZR_B, &Y_B, &W_B);
-        F64_6.assert_all_close(&format!("{v:?} f32 grad"), &to_f64(&g32), &expected);
+        F32_RUN.assert_all_close(&format!("{v:?} f32 grad"), &to_f64(&g32), &expected);
         let o = run64(&c, 4, &Z_B, &ZR_B, &Y_B, &W_B);
         F64_6.assert_all_close(&format!("{v:?} f64 grad"), &o.grad, &expected);
     }
     // The notes below the table: TNRF / TNRLL / NL rows that differ from the table above.
     let row = |g: &[f32], r: usize| to_f64(&g[4 * r..4 * r + 4]);
     let (_, g, _) = run32(&cfg(TntVariant::Tnrf, 2.0), 4, &Z_B, &ZR_B, &Y_B, &W_B);
-    F64_6.assert_all_close("TNRF (0,0)", &row(&g, 0), &[0.048385, -0.036979, -0.013604, 0.002198]);
-    F64_6.assert_all_close("TNRF (1,1)", &row(&g, 4), &[-0.036892, -0.133238, 0.196499, -0.026369]);
-    F64_6.assert_all_close("TNRF (1,2)", &row(&g, 5), &[0.090277, 0.090277, -0.025488, -0.155066]);
+    F32_RUN.assert_all_close(
+        "TNRF (0,0)",
+        &row(&g, 0),
+        &[0.048385, -0.036979, -0.013604, 0.002198],
+    );
+    F32_RUN.assert_all_close(
+        "TNRF (1,1)",
+        &row(&g, 4),
+        &[-0.036892, -0.133238, 0.196499, -0.026369],
+    );
+    F32_RUN.assert_all_close(
+        "TNRF (1,2)",
+        &row(&g, 5),
+        &[0.090277, 0.090277, -0.025488, -0.155066],
+    );
     let (_, g, _) = run32(&cfg(TntVariant::Tnrll, 2.0), 4, &Z_B, &ZR_B, &Y_B, &W_B);
-    F64_6.assert_all_close("TNRLL (0,0)", &row(&g, 0), &[-0.526006, 0.174370, 0.064147, 0.287489]);
-    F64_6.assert_all_close("TNRLL (1,1)", &row(&g, 4), &[0.078393, 0.213096, -0.420738, 0.129249]);
-    F64_6.assert_all_close("TNRLL (1,2)", &row(&g, 5), &[0.292648, 0.292648, 0.019667, -0.604962]);
+    F32_RUN.assert_all_close(
+        "TNRLL (0,0)",
+        &row(&g, 0),
+        &[-0.526006, 0.174370, 0.064147, 0.287489],
+    );
+    F32_RUN.assert_all_close(
+        "TNRLL (1,1)",
+        &row(&g, 4),
+        &[0.078393, 0.213096, -0.420738, 0.129249],
+    );
+    F32_RUN.assert_all_close(
+        "TNRLL (1,2)",
+        &row(&g, 5),
+        &[0.292648, 0.292648, 0.019667, -0.604962],
+    );
     let (_, g, _) =
         run32(&cfg(TntVariant::Nl { threshold: Some(-10.3) }, 2.0), 4, &Z_B, &ZR_B, &Y_B, &W_B);
-    F64_6.assert_all_close("NL (0,1)", &row(&g, 1), &[-0.348106, 0.844248, -0.211137, -0.285005]);
-    F64_6.assert_all_close("NL (1,0)", &row(&g, 3), &[0.552863, -0.072049, -0.264368, -0.216446]);
+    F32_RUN.assert_all_close("NL (0,1)", &row(&g, 1), &[-0.348106, 0.844248, -0.211137, -0.285005]);
+    F32_RUN.assert_all_close("NL (1,0)", &row(&g, 3), &[0.552863, -0.072049, -0.264368, -0.216446]);
 }
 
 /// T-MASK: NaN, +inf and −inf at the inactive position (0,2), with an out-of-range label there,
@@ -679,8 +703,8 @@ fn welleck_12_5_sequence() {
         0.146398, 0.161795, -0.406327, 0.098134, 0.103599, -0.791377, 0.618333, 0.069445, //
         0.062401, 0.532280, -0.720340, 0.125659, 0.066208, 0.408956, 0.361991, -0.837155,
     ];
-    F64_6.assert_all_close("12.5 loss f32", &to_f64(&l), &loss);
-    F64_6.assert_all_close("12.5 grad f32", &to_f64(&g), &grad);
+    F32_RUN.assert_all_close("12.5 loss f32", &to_f64(&l), &loss);
+    F32_RUN.assert_all_close("12.5 grad f32", &to_f64(&g), &grad);
     F64_6.assert_all_close("12.5 loss f64", &o.loss, &loss);
     F64_6.assert_all_close("12.5 grad f64", &o.grad, &grad);
     assert!((o.sum - 4.450327).abs() < 1e-6);
@@ -708,8 +732,8 @@ fn welleck_12_6_second_row() {
         0.158698, 0.236749, 0.214220, -0.609667, 0.187519, 0.377617, 0.309167, -0.874302, //
         0.073863, -0.799219, 0.331032, 0.394323,
     ];
-    F64_6.assert_all_close("12.6 loss f32", &to_f64(&l), &loss);
-    F64_6.assert_all_close("12.6 grad f32", &to_f64(&g), &grad);
+    F32_RUN.assert_all_close("12.6 loss f32", &to_f64(&l), &loss);
+    F32_RUN.assert_all_close("12.6 grad f32", &to_f64(&g), &grad);
     F64_6.assert_all_close("12.6 loss f64", &o.loss, &loss);
     F64_6.assert_all_close("12.6 grad f64", &o.grad, &grad);
 }

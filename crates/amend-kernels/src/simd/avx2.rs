@@ -505,29 +505,11 @@ pub(super) fn ln_affine(buf: &mut [f32], a: f32, b: f32, c: f32) {
     }
 }
 
-/// `dst = (src − shift)·k − c`.
-#[target_feature(enable = "avx2,fma")]
-pub(super) fn affine(src: &[f32], shift: f32, k: f32, c: f32, dst: &mut [f32]) {
-    let (cd, tail) = dst.as_chunks_mut::<16>();
-    let n = cd.len();
-    let cs = &src.as_chunks::<16>().0[..n];
-    let (vs, vk, vc) = (splat(shift), splat(k), splat(c));
-    for j in 0..n {
-        let (a, b) = ld2(&cs[j]);
-        let ya = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, vs), vk), vc);
-        let yb = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(b, vs), vk), vc);
-        st2(&mut cd[j], ya, yb);
-    }
-    let off = n * 16;
-    for (t, d) in tail.iter_mut().enumerate() {
-        *d = (src[off + t] - shift) * k - c;
-    }
-}
-
-/// Reverse-KL pass C: `t ← (z − m)·k − lns − t` and returns `Σ_{e>0} e·inv_s·t`.
+/// Reverse-KL pass C: `t ← (z − m)·k − lns − t` (or, `DIRECT`, `t ← (z − t)·k − lns`) and
+/// returns `Σ_{e>0} e·inv_s·t`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn rev_acc(
+pub(super) fn rev_acc<const DIRECT: bool>(
     z: &[f32],
     m: f32,
     k: f32,
@@ -551,8 +533,17 @@ pub(super) fn rev_acc(
             let (za, zb) = ld2(&cz[j]);
             let (ea, eb) = ld2(&ce[j]);
             let (da, db) = ld2(&ct[j]);
-            let ta = _mm256_sub_ps(_mm256_fmsub_ps(_mm256_sub_ps(za, vm), vk, vl), da);
-            let tb = _mm256_sub_ps(_mm256_fmsub_ps(_mm256_sub_ps(zb, vm), vk, vl), db);
+            let (ta, tb) = if DIRECT {
+                (
+                    _mm256_fmsub_ps(_mm256_sub_ps(za, da), vk, vl),
+                    _mm256_fmsub_ps(_mm256_sub_ps(zb, db), vk, vl),
+                )
+            } else {
+                (
+                    _mm256_sub_ps(_mm256_fmsub_ps(_mm256_sub_ps(za, vm), vk, vl), da),
+                    _mm256_sub_ps(_mm256_fmsub_ps(_mm256_sub_ps(zb, vm), vk, vl), db),
+                )
+            };
             let ka = _mm256_cmp_ps::<_CMP_GT_OQ>(ea, zero);
             let kb = _mm256_cmp_ps::<_CMP_GT_OQ>(eb, zero);
             a0 = _mm256_fmadd_ps(_mm256_mul_ps(ea, vi), _mm256_and_ps(ta, ka), a0);
@@ -566,7 +557,8 @@ pub(super) fn rev_acc(
     let off = n * 16;
     for (j, tv) in tail.iter_mut().enumerate() {
         let i = off + j;
-        let tt = (z[i] - m).mul_add(k, -lns) - *tv;
+        let tt =
+            if DIRECT { (z[i] - *tv).mul_add(k, -lns) } else { (z[i] - m).mul_add(k, -lns) - *tv };
         if e[i] > 0.0 {
             l = (e[i] * inv_s).mul_add(tt, l);
         }

@@ -448,15 +448,14 @@ pub(crate) fn ln_affine(buf: &mut [f32], a: f32, b: f32, c: f32) {
     dispatch!(avx2::ln_affine(buf, a, b, c), portable::ln_affine(buf, a, b, c))
 }
 
-/// `dst = (src − shift)·k − c`.
-pub(crate) fn affine(src: &[f32], shift: f32, k: f32, c: f32, dst: &mut [f32]) {
-    debug_assert_eq!(src.len(), dst.len());
-    dispatch!(avx2::affine(src, shift, k, c, dst), portable::affine(src, shift, k, c, dst))
-}
-
 /// Reverse-KL pass C: `t ← (z − m)·k − lns − t` (`t` holds `log d` on entry and `log p − log d`
-/// on exit) and returns `Σ_{e>0} (e·inv_s)·t`.
+/// on exit) and returns `Σ_{e>0} (e·inv_s)·t`. With `direct`, `t` holds the reference logits
+/// `z°` on entry and `t ← (z − z°)·k − lns`, where the caller folds the row constants
+/// `(m° − m)·k + ln s° − ln s` into `lns`: the difference of the logits is taken first, which
+/// keeps `log p − log d` accurate when both are large.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rev_acc(
+    direct: bool,
     z: &[f32],
     m: f32,
     k: f32,
@@ -467,8 +466,12 @@ pub(crate) fn rev_acc(
 ) -> f32 {
     debug_assert!(z.len() == t.len() && e.len() == t.len());
     dispatch!(
-        avx2::rev_acc(z, m, k, lns, e, inv_s, t),
-        portable::rev_acc(z, m, k, lns, e, inv_s, t)
+        if direct {
+            avx2::rev_acc::<true>(z, m, k, lns, e, inv_s, t)
+        } else {
+            avx2::rev_acc::<false>(z, m, k, lns, e, inv_s, t)
+        },
+        portable::rev_acc(direct, z, m, k, lns, e, inv_s, t)
     )
 }
 

@@ -130,13 +130,9 @@ pub(super) fn ln_affine(buf: &mut [f32], a: f32, b: f32, c: f32) {
     }
 }
 
-pub(super) fn affine(src: &[f32], shift: f32, k: f32, c: f32, dst: &mut [f32]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = (v - shift) * k - c;
-    }
-}
-
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rev_acc(
+    direct: bool,
     z: &[f32],
     m: f32,
     k: f32,
@@ -147,7 +143,7 @@ pub(super) fn rev_acc(
 ) -> f32 {
     let mut l = 0.0f64;
     for (i, tv) in t.iter_mut().enumerate() {
-        let tt = ((z[i] - m) * k - lns) - *tv;
+        let tt = if direct { (z[i] - *tv) * k - lns } else { ((z[i] - m) * k - lns) - *tv };
         if e[i] > 0.0 {
             l += f64::from(e[i] * inv_s) * f64::from(tt);
         }

@@ -3,6 +3,10 @@
 
 use amend_testing::Tol;
 
+/// f32 gradients: `F32_GRAD` (absolute 1e-6, for unit-scale gradients) plus a relative 1e-6
+/// (about 8 ulp) for entries of scaled rows with `|g| > 1`.
+pub const GRAD: Tol = Tol { rel: 1e-6, abs: 1e-6 };
+
 /// Tolerance of the f64 oracles against float64 PyTorch values (different summation orders).
 pub const ORACLE: Tol = Tol { rel: 1e-9, abs: 1e-11 };
 
