@@ -82,7 +82,7 @@ fn lse(xs: impl Iterator<Item = f64> + Clone) -> f64 {
 
 fn rows_of(op: &'static str, len: usize, vocab: usize) -> Result<usize> {
     batch::check_vocab(op, vocab)?;
-    if len % vocab != 0 {
+    if !len.is_multiple_of(vocab) {
         return Err(KernelError::LengthMismatch {
             op,
             name: "logits",
