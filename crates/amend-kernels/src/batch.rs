@@ -240,11 +240,23 @@ pub(crate) struct Scratch {
     /// Candidate ids of the current row (filled by the kernel's row closure).
     pub cands: Vec<usize>,
     aux: Vec<f32>,
+    /// Write large gradients with streaming stores (set by the driver for big outputs).
+    pub stream: bool,
+    /// Addresses of the next row's logits (set by the driver) and reference logits (set by the
+    /// kernel), for software prefetching while the current row computes; 0 = none.
+    pub prefetch: [usize; 2],
 }
 
 impl Scratch {
     pub fn new(vocab: usize) -> Self {
-        Scratch { buf: Vec::new(), vocab, cands: Vec::new(), aux: Vec::new() }
+        Scratch {
+            buf: Vec::new(),
+            vocab,
+            cands: Vec::new(),
+            aux: Vec::new(),
+            stream: false,
+            prefetch: [0, 0],
+        }
     }
 
     pub fn rows(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
@@ -322,8 +334,15 @@ struct ChunkStats {
 
 type ChunkResult = std::result::Result<ChunkStats, (usize, KernelError)>;
 
+/// Gradient outputs above this size are written with streaming stores: they cannot stay in the
+/// caches anyway, and skipping the read-for-ownership saves a quarter of the DRAM traffic.
+const STREAM_BYTES: usize = 64 << 20;
+
 fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
     let mut scratch = Scratch::new(vocab);
+    if let ChunkIo::Grad(_, g) = &c.io {
+        scratch.stream = g.len() * 4 >= STREAM_BYTES;
+    }
     let mut stats = ChunkStats::default();
     let Chunk { start, rows, io, loss, mut lse, mut logp } = c;
     let check = matches!(io, ChunkIo::Check(_));
@@ -357,6 +376,8 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
         }
         Ok(())
     };
+    // Address of row `i + 1` of a chunk starting at `base` (0 past the end): prefetch hint only.
+    let next = |base: usize, i: usize| if i + 1 < rows { base + (i + 1) * vocab * 4 } else { 0 };
     match io {
         ChunkIo::Check(z) => {
             for (i, zr) in z.chunks_exact(vocab).take(rows).enumerate() {
@@ -364,18 +385,24 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
             }
         }
         ChunkIo::Value(z) => {
+            let base = z.as_ptr() as usize;
             for (i, zr) in z.chunks_exact(vocab).take(rows).enumerate() {
+                scratch.prefetch = [next(base, i), 0];
                 finish(i, f.row(start + i, RowBuf::Value(zr), &mut scratch), None)?;
             }
         }
         ChunkIo::Grad(z, g) => {
+            let base = z.as_ptr() as usize;
             for (i, (zr, gr)) in z.chunks_exact(vocab).zip(g.chunks_exact_mut(vocab)).enumerate() {
+                scratch.prefetch = [next(base, i), 0];
                 let res = f.row(start + i, RowBuf::Grad(zr, &mut *gr), &mut scratch);
                 finish(i, res, Some(gr))?;
             }
         }
         ChunkIo::InPlace(z) => {
+            let base = z.as_ptr() as usize;
             for (i, zr) in z.chunks_exact_mut(vocab).enumerate() {
+                scratch.prefetch = [next(base, i), 0];
                 let res = f.row(start + i, RowBuf::InPlace(&mut *zr), &mut scratch);
                 finish(i, res, Some(zr))?;
             }

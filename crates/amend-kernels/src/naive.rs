@@ -1,5 +1,5 @@
 //! Straightforward siblings of the fused kernels (`*_naive`): scalar `f32::exp`/`ln`, one pass
-//! per quantity, exponentials recomputed instead of cached (4 exp per element for a forward KL
+//! per quantity, row sums in f64, exponentials recomputed instead of cached (4 exp per element for a forward KL
 //! to a reference target, against 2 in the fused kernel).
 //!
 //! They take the same arguments, use the same validation, threading and outputs as the fused
@@ -86,15 +86,16 @@ pub fn selected_logp_naive(
         let (z, grad) = buf.split(copy);
         // Pass 1: maximum. Pass 2: sum of exponentials (and smoothing statistics).
         let m = z.iter().map(|&x| cap(x) * k).fold(NEG_INF, f32::max);
-        let (mut s, mut vp, mut sl) = (0.0f32, 0usize, 0.0f32);
+        let (mut s, mut vp, mut sl) = (0.0f64, 0usize, 0.0f64);
         for &x in z {
             let x = cap(x) * k;
-            s += (x - m).exp();
+            s += f64::from((x - m).exp());
             if x != NEG_INF {
                 vp += 1;
-                sl += x - m;
+                sl += f64::from(x - m);
             }
         }
+        let (s, sl) = (s as f32, sl as f32);
         let lns = s.ln();
         let lse = m + lns;
         let logp = cap(z[y]) * k - lse;
@@ -197,16 +198,17 @@ pub fn token_kl_naive(
             }
             _ => 0.0,
         };
-        let (mut s, mut sr, mut vp) = (0.0f32, 0.0f32, 0usize);
+        let (mut s, mut sr, mut vp) = (0.0f64, 0.0f64, 0usize);
         for v in 0..vocab {
-            s += (z[v] * k - m).exp();
+            s += f64::from((z[v] * k - m).exp());
             vp += usize::from(z[v] != NEG_INF);
             match &t {
-                T::Ref(zr, _) if keep(v) => sr += (zr[v] * k - mr).exp(),
-                T::Log(lt) => sr += lt[v].exp(),
+                T::Ref(zr, _) if keep(v) => sr += f64::from((zr[v] * k - mr).exp()),
+                T::Log(lt) => sr += f64::from(lt[v].exp()),
                 _ => {}
             }
         }
+        let (s, sr) = (s as f32, sr as f32);
         let (lns, lnsr) = (s.ln(), sr.ln());
         let d = 1.0 + vp as f32 * eps;
         let base_total = if matches!(t, T::Log(_)) { sr } else { 1.0 };
@@ -229,13 +231,14 @@ pub fn token_kl_naive(
         let total = (base_total + vp as f32 * eps) / d;
         let value = if reverse {
             // Pass 3: the divergence; pass 4: the gradient (both recompute p and t).
-            let mut kl = 0.0f32;
+            let mut kl = 0.0f64;
             for v in 0..vocab {
                 let p = lp(v).exp();
                 if p > 0.0 {
-                    kl += p * (lp(v) - tv(v).ln());
+                    kl += f64::from(p * (lp(v) - tv(v).ln()));
                 }
             }
+            let kl = kl as f32;
             if let Some(g) = grad {
                 for (v, gv) in g.iter_mut().enumerate() {
                     let p = lp(v).exp();
@@ -245,19 +248,19 @@ pub fn token_kl_naive(
             kl
         } else {
             // Pass 3: value and gradient together (2 more exp per element).
-            let (mut ce, mut h) = (0.0f32, 0.0f32);
+            let (mut ce, mut h) = (0.0f64, 0.0f64);
             let mut g = grad;
             for v in 0..vocab {
                 let t = tv(v);
                 if t > 0.0 {
-                    ce -= t * lp(v);
-                    h -= t * t.ln();
+                    ce -= f64::from(t * lp(v));
+                    h -= f64::from(t * t.ln());
                 }
                 if let Some(g) = g.as_deref_mut() {
                     g[v] = a * k * (lp(v).exp() * total - t);
                 }
             }
-            if divergence { ce - h } else { ce }
+            (if divergence { ce - h } else { ce }) as f32
         };
         let masked = z.contains(&NEG_INF);
         Ok(Some(RowOut { loss: a * value, lse: m + lns, logp: 0.0, masked_vocab: masked }))

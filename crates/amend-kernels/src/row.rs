@@ -57,8 +57,14 @@ pub(crate) struct KlSpec<'a> {
     pub scale: f32,
 }
 
-/// Validates the target side of a KL row and returns the reference maximum (`m°`).
-fn scan_target(op: &'static str, row: usize, base: Base<'_>, mask: Option<&[f32]>) -> Result<f32> {
+/// Validates the target side of a KL row and returns the reference maximum and minimum
+/// (`m°`; the minimum tells whether `z°` holds `−inf`).
+fn scan_target(
+    op: &'static str,
+    row: usize,
+    base: Base<'_>,
+    mask: Option<&[f32]>,
+) -> Result<(f32, f32)> {
     match base {
         Base::Ref { zr, exclude } => {
             let s = simd::scan(zr, exclude, mask);
@@ -72,7 +78,7 @@ fn scan_target(op: &'static str, row: usize, base: Base<'_>, mask: Option<&[f32]
                     "has no finite entry on the row vocabulary outside the excluded token",
                 ))
             } else {
-                Ok(s.max)
+                Ok((s.max, s.min))
             }
         }
         Base::LogProbs(lt) => {
@@ -82,10 +88,10 @@ fn scan_target(op: &'static str, row: usize, base: Base<'_>, mask: Option<&[f32]
             } else if s.max == NEG_INF {
                 Err(non_finite(op, "log_target", row, "has no mass (every entry is -inf)"))
             } else {
-                Ok(0.0)
+                Ok((0.0, s.min))
             }
         }
-        Base::OneHot(_) => Ok(0.0),
+        Base::OneHot(_) => Ok((0.0, 0.0)),
     }
 }
 
@@ -134,11 +140,13 @@ fn forward_row(
     let m = sc.max;
     let neg_inf = sc.min == NEG_INF;
     let mask = neg_inf.then_some(z);
-    let ref_max = scan_target(op, row, base, mask)?;
+    let (ref_max, ref_min) = scan_target(op, row, base, mask)?;
     if buf.check_only() {
         return Ok(RowOut::default());
     }
     let grad = buf.wants_grad();
+    let stream = scratch.stream && matches!(buf, RowBuf::Grad(..));
+    let prefetch = scratch.prefetch;
     let (s1, s2, s3) = scratch.rows();
     let smooth = eps > 0.0;
     let (vp, sx) = if smooth { simd::sum_shifted(z, m, k) } else { (z.len(), 0.0) };
@@ -156,7 +164,18 @@ fn forward_row(
             let store = grad || (smooth && divergence);
             let kl_acc = !smooth && divergence;
             let outs = store.then_some((&mut *s1, &mut *s2));
-            let (s, sr, acc) = simd::fwd_b(z, m, zr, ref_max, k, exclude, neg_inf, kl_acc, outs);
+            let guard = neg_inf || ref_min == NEG_INF;
+            let params = simd::FwdParams {
+                m,
+                mr: ref_max,
+                k,
+                skip: exclude,
+                masked: neg_inf,
+                kl: kl_acc,
+                guard,
+                prefetch: if prefetch.contains(&0) { [0, 0] } else { prefetch },
+            };
+            let (s, sr, acc) = simd::fwd_b(z, zr, &params, outs);
             let (lns, lnsr) = (s.ln(), sr.ln());
             let value = if !smooth {
                 if divergence { acc / sr + lns - lnsr } else { lns - acc / sr }
@@ -182,7 +201,7 @@ fn forward_row(
             (value, lns, scale * k * total / s, -scale * k / d, -scale * k * eps / d)
         }
         Base::OneHot(y) => {
-            let s = simd::exp_sum(z, None, m, k, grad.then_some(&mut *s1), None);
+            let s = simd::exp_sum_pf(z, m, k, grad.then_some(&mut *s1), prefetch[0]);
             let lns = s.ln();
             let nll = lns - (z[y] - m) * k;
             let ce = if smooth { (nll + eps * (vpf * lns - sx)) / d } else { nll };
@@ -203,8 +222,15 @@ fn forward_row(
         let gm = grad_mask.then_some(&*s3);
         match base {
             Base::OneHot(y) => {
-                simd::axc(coef_e, s1, uniform, gm, g);
+                if stream && gm.is_none() && uniform == 0.0 {
+                    simd::axpby_stream(coef_e, s1, 0.0, s1, g);
+                } else {
+                    simd::axc(coef_e, s1, uniform, gm, g);
+                }
                 g[y] -= scale * k / d;
+            }
+            Base::Ref { .. } if stream && gm.is_none() && uniform == 0.0 => {
+                simd::axpby_stream(coef_e, s1, coef_t, s2, g)
             }
             Base::Ref { .. } | Base::LogProbs(_) => {
                 simd::axpbyc(coef_e, s1, coef_t, s2, uniform, gm, g)
@@ -227,12 +253,13 @@ fn reverse_row(
     let m = sc.max;
     let neg_inf = sc.min == NEG_INF;
     let mask = neg_inf.then_some(z);
-    let ref_max = scan_target(op, row, base, mask)?;
+    let (ref_max, _) = scan_target(op, row, base, mask)?;
     if buf.check_only() {
         return Ok(RowOut::default());
     }
+    let prefetch = scratch.prefetch;
     let (s1, s2, _) = scratch.rows();
-    let s = simd::exp_sum(z, None, m, k, Some(&mut *s1), None);
+    let s = simd::exp_sum_pf(z, m, k, Some(&mut *s1), prefetch[0]);
     let lns = s.ln();
     let vp = if neg_inf && eps > 0.0 { simd::sum_shifted(z, m, k).0 } else { z.len() };
     let c = (vp as f64 * f64::from(eps)).ln_1p() as f32;
@@ -241,7 +268,11 @@ fn reverse_row(
     match base {
         Base::Ref { zr, exclude } => {
             if eps > 0.0 {
-                let sr = simd::exp_sum(zr, mask, ref_max, k, Some(&mut *s2), exclude);
+                let sr = if mask.is_none() && exclude.is_none() {
+                    simd::exp_sum_pf(zr, ref_max, k, Some(&mut *s2), prefetch[1])
+                } else {
+                    simd::exp_sum(zr, mask, ref_max, k, Some(&mut *s2), exclude)
+                };
                 simd::ln_affine(s2, 1.0 / sr, eps, c);
             } else {
                 // `exclude` is rejected with ε = 0 (the divergence would be +inf).
@@ -305,6 +336,8 @@ pub(crate) fn ce_row(
         return Ok(RowOut::default());
     }
     let grad = buf.wants_grad();
+    let stream = scratch.stream && matches!(buf, RowBuf::Grad(..));
+    let prefetch = scratch.prefetch[0];
     let (s1, s2, s3) = scratch.rows();
     let (m, neg_inf) = match softcap {
         Some(c) => {
@@ -321,7 +354,7 @@ pub(crate) fn ce_row(
         s2.copy_from_slice(z);
     }
     let zz: &[f32] = if softcap.is_some() { s3 } else { z };
-    let s = simd::exp_sum(zz, None, m, k, grad.then_some(&mut *s1), None);
+    let s = simd::exp_sum_pf(zz, m, k, grad.then_some(&mut *s1), prefetch);
     let lns = s.ln();
     let lse = m * k + lns;
     let logp = (zz[y] - m) * k - lns;
@@ -341,7 +374,11 @@ pub(crate) fn ce_row(
         } else {
             let coef = scale * k * (1.0 + 2.0 * z_loss * lse) / s;
             let uniform = -scale * k * smoothing / vp as f32;
-            simd::axc(coef, s1, uniform, grad_mask.then_some(&*s2), g);
+            if stream && uniform == 0.0 {
+                simd::axpby_stream(coef, s1, 0.0, s1, g);
+            } else {
+                simd::axc(coef, s1, uniform, grad_mask.then_some(&*s2), g);
+            }
             g[y] -= scale * k * (1.0 - smoothing);
             if let Some(c) = softcap {
                 for (gv, &t) in g.iter_mut().zip(s3.iter()) {

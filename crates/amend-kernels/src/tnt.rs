@@ -230,6 +230,9 @@ pub fn tnt(
         let y = batch::label_at(OP, r, labels[r], vocab, None)?.unwrap_or(0);
         let neg = w < 0.0;
         let zr = ref_logits.map(|z| &z[r * vocab..(r + 1) * vocab]).unwrap_or(&[]);
+        // Prefetch hint for the next row's reference logits (an address only).
+        scratch.prefetch[1] =
+            ref_logits.and_then(|z| z.get((r + 1) * vocab..)).map_or(0, |s| s.as_ptr() as usize);
         fn kl(reverse: bool, base: Base<'_>, eps: f32, scale: f32, fwd_div: bool) -> KlSpec<'_> {
             KlSpec { reverse, base, eps, divergence: !reverse && fwd_div, k: 1.0, scale }
         }

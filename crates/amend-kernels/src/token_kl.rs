@@ -268,10 +268,14 @@ pub fn token_kl(
         }
         let span = r * vocab..(r + 1) * vocab;
         let base = match target {
-            KlTarget::Reference { ref_logits, exclude } => Base::Ref {
-                zr: &ref_logits[span],
-                exclude: exclude.and_then(|e| usize::try_from(e[r]).ok()),
-            },
+            KlTarget::Reference { ref_logits, exclude } => {
+                // Prefetch hint for the next row's reference logits (an address only).
+                scratch.prefetch[1] = ref_logits.get(span.end..).map_or(0, |s| s.as_ptr() as usize);
+                Base::Ref {
+                    zr: &ref_logits[span],
+                    exclude: exclude.and_then(|e| usize::try_from(e[r]).ok()),
+                }
+            }
             KlTarget::OneHot { labels } => {
                 match label_at(OP, r, labels[r], vocab, cfg.ignore_index)? {
                     Some(y) => Base::OneHot(y),

@@ -42,6 +42,20 @@ fn st2(c: &mut [f32; 16], a: __m256, b: __m256) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
+fn ld(c: &[f32; 8]) -> __m256 {
+    // SAFETY: `c` is 8 initialised f32; the load is unaligned.
+    unsafe { _mm256_loadu_ps(c.as_ptr()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn st(c: &mut [f32; 8], v: __m256) {
+    // SAFETY: `c` is 8 writable f32; the store is unaligned.
+    unsafe { _mm256_storeu_ps(c.as_mut_ptr(), v) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
 fn splat(x: f32) -> __m256 {
     _mm256_set1_ps(x)
 }
@@ -226,21 +240,27 @@ pub(super) fn exp_sum<const STORE: bool, const MASK: bool>(
     shift: f32,
     k: f32,
     dst: &mut [f32],
+    prefetch: usize,
 ) -> f32 {
     let (c, tail) = src.as_chunks::<16>();
     let n = c.len();
     let cm = if MASK { &mask.as_chunks::<16>().0[..n] } else { &[][..] };
     let cd = if STORE { &mut dst.as_chunks_mut::<16>().0[..n] } else { &mut [][..] };
-    let (vs, vk) = (splat(shift), splat(k));
+    let mk = shift * k;
+    let (vmk, vk) = (splat(mk), splat(k));
     let mut total = _mm256_setzero_ps();
     let mut i = 0;
     while i < n {
         let end = (i + BLOCK16).min(n);
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for j in i..end {
+            if prefetch != 0 {
+                // A hint for the next row: it never faults, the address need not be valid.
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(j * 64) as *const i8);
+            }
             let (a, b) = ld2(&c[j]);
-            let (mut ea, _) = exp8(_mm256_mul_ps(_mm256_sub_ps(a, vs), vk));
-            let (mut eb, _) = exp8(_mm256_mul_ps(_mm256_sub_ps(b, vs), vk));
+            let (mut ea, _) = exp8(_mm256_fmsub_ps(a, vk, vmk));
+            let (mut eb, _) = exp8(_mm256_fmsub_ps(b, vk, vmk));
             if MASK {
                 let (ma, mb) = ld2(&cm[j]);
                 ea = _mm256_and_ps(ea, not_neg_inf(ma));
@@ -258,7 +278,7 @@ pub(super) fn exp_sum<const STORE: bool, const MASK: bool>(
     let mut s = hsum(total);
     let off = n * 16;
     for (t, &v) in tail.iter().enumerate() {
-        let mut e = scalar::exp::<true>((v - shift) * k);
+        let mut e = scalar::exp::<true>(v.mul_add(k, -mk));
         if MASK && mask[off + t] == f32::NEG_INFINITY {
             e = 0.0;
         }
@@ -270,10 +290,39 @@ pub(super) fn exp_sum<const STORE: bool, const MASK: bool>(
     s
 }
 
-/// The fused pass B of the forward KL row (see `super::fwd_b`).
+/// One 8-lane step of the fused pass B: returns `(e, e°, e°·d)` (see [`fwd_b`]).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn fwd_step<const MASK: bool, const KL: bool, const GUARD: bool>(
+    z: __m256,
+    zr: __m256,
+    vk: __m256,
+    vmk: __m256,
+    vmrk: __m256,
+) -> (__m256, __m256, __m256) {
+    let x = _mm256_fmsub_ps(z, vk, vmk);
+    let xr = _mm256_fmsub_ps(zr, vk, vmrk);
+    let (e, _) = exp8(x);
+    let (mut er, mut keep) = exp8(xr);
+    if MASK {
+        let f = not_neg_inf(z);
+        er = _mm256_and_ps(er, f);
+        keep = _mm256_and_ps(keep, f);
+    }
+    let d = if KL { _mm256_sub_ps(xr, x) } else { x };
+    let d = if GUARD || MASK { _mm256_and_ps(d, keep) } else { d };
+    (e, er, _mm256_mul_ps(er, d))
+}
+
+/// The fused pass B of the forward KL row (see `super::fwd_b`). `GUARD` masks the cross term
+/// where `e°` was flushed (needed when `z` or `z°` may hold `−inf`; `MASK` implies it).
+///
+/// The shifted arguments are formed with one FMA, `x = z·k − m·k` (exactly `z − m` when
+/// `k = 1`), and the loop keeps one accumulator per sum to leave the registers to the four
+/// exponentials in flight.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn fwd_b<const STORE: bool, const MASK: bool, const KL: bool>(
+pub(super) fn fwd_b<const STORE: bool, const MASK: bool, const KL: bool, const GUARD: bool>(
     z: &[f32],
     m: f32,
     zr: &[f32],
@@ -281,67 +330,54 @@ pub(super) fn fwd_b<const STORE: bool, const MASK: bool, const KL: bool>(
     k: f32,
     e_out: &mut [f32],
     er_out: &mut [f32],
+    prefetch: [usize; 2],
 ) -> (f32, f32, f32) {
-    let (c, tail) = z.as_chunks::<16>();
+    let (c, tail) = z.as_chunks::<8>();
     let n = c.len();
-    let cr = &zr.as_chunks::<16>().0[..n];
-    let ce = if STORE { &mut e_out.as_chunks_mut::<16>().0[..n] } else { &mut [][..] };
-    let cer = if STORE { &mut er_out.as_chunks_mut::<16>().0[..n] } else { &mut [][..] };
-    let (vm, vmr, vk) = (splat(m), splat(mr), splat(k));
-    let (mut ts, mut tsr, mut tacc) =
-        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let cr = &zr.as_chunks::<8>().0[..n];
+    let ce = if STORE { &mut e_out.as_chunks_mut::<8>().0[..n] } else { &mut [][..] };
+    let cer = if STORE { &mut er_out.as_chunks_mut::<8>().0[..n] } else { &mut [][..] };
+    let (mk, mrk) = (m * k, mr * k);
+    let (vk, vmk, vmrk) = (splat(k), splat(mk), splat(mrk));
+    let zero = _mm256_setzero_ps();
+    let (mut ts, mut tsr, mut tacc) = (zero, zero, zero);
     let mut i = 0;
     while i < n {
-        let end = (i + BLOCK16).min(n);
-        let zero = _mm256_setzero_ps();
-        let (mut s0, mut s1, mut r0, mut r1, mut a0, mut a1) = (zero, zero, zero, zero, zero, zero);
+        let end = (i + 2 * BLOCK16).min(n);
+        let (mut s, mut sr, mut acc) = (zero, zero, zero);
         for j in i..end {
-            let (za, zb) = ld2(&c[j]);
-            let (ra, rb) = ld2(&cr[j]);
-            let xa = _mm256_mul_ps(_mm256_sub_ps(za, vm), vk);
-            let xb = _mm256_mul_ps(_mm256_sub_ps(zb, vm), vk);
-            let xra = _mm256_mul_ps(_mm256_sub_ps(ra, vmr), vk);
-            let xrb = _mm256_mul_ps(_mm256_sub_ps(rb, vmr), vk);
-            let (ea, _) = exp8(xa);
-            let (eb, _) = exp8(xb);
-            let (mut era, mut ka) = exp8(xra);
-            let (mut erb, mut kb) = exp8(xrb);
-            if MASK {
-                let (fa, fb) = (not_neg_inf(za), not_neg_inf(zb));
-                era = _mm256_and_ps(era, fa);
-                erb = _mm256_and_ps(erb, fb);
-                ka = _mm256_and_ps(ka, fa);
-                kb = _mm256_and_ps(kb, fb);
+            if prefetch[0] != 0 && j % 2 == 0 {
+                // Pull the next row's logits towards the caches while this row computes.
+                for &base in &prefetch {
+                    // A hint: it never faults, so the address need not be valid.
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(j * 32) as *const i8);
+                }
             }
-            let (da, db) =
-                if KL { (_mm256_sub_ps(xra, xa), _mm256_sub_ps(xrb, xb)) } else { (xa, xb) };
-            a0 = _mm256_fmadd_ps(era, _mm256_and_ps(da, ka), a0);
-            a1 = _mm256_fmadd_ps(erb, _mm256_and_ps(db, kb), a1);
-            s0 = _mm256_add_ps(s0, ea);
-            s1 = _mm256_add_ps(s1, eb);
-            r0 = _mm256_add_ps(r0, era);
-            r1 = _mm256_add_ps(r1, erb);
+            let (e, er, p) = fwd_step::<MASK, KL, GUARD>(ld(&c[j]), ld(&cr[j]), vk, vmk, vmrk);
+            s = _mm256_add_ps(s, e);
+            sr = _mm256_add_ps(sr, er);
+            acc = _mm256_add_ps(acc, p);
             if STORE {
-                st2(&mut ce[j], ea, eb);
-                st2(&mut cer[j], era, erb);
+                st(&mut ce[j], e);
+                st(&mut cer[j], er);
             }
         }
-        ts = _mm256_add_ps(ts, _mm256_add_ps(s0, s1));
-        tsr = _mm256_add_ps(tsr, _mm256_add_ps(r0, r1));
-        tacc = _mm256_add_ps(tacc, _mm256_add_ps(a0, a1));
+        ts = _mm256_add_ps(ts, s);
+        tsr = _mm256_add_ps(tsr, sr);
+        tacc = _mm256_add_ps(tacc, acc);
         i = end;
     }
     let (mut s, mut sr, mut acc) = (hsum(ts), hsum(tsr), hsum(tacc));
-    let off = n * 16;
+    let off = n * 8;
     for (t, &zv) in tail.iter().enumerate() {
         let rv = zr[off + t];
-        let x = (zv - m) * k;
-        let xr = (rv - mr) * k;
+        let x = zv.mul_add(k, -mk);
+        let xr = rv.mul_add(k, -mrk);
         let e = scalar::exp::<true>(x);
         let keep = xr >= EXP_LO && !(MASK && zv == f32::NEG_INFINITY);
         let er = if keep { scalar::exp::<true>(xr) } else { 0.0 };
         if keep {
-            acc = er.mul_add(if KL { xr - x } else { x }, acc);
+            acc += er * if KL { xr - x } else { x };
         }
         s += e;
         sr += er;
@@ -420,6 +456,38 @@ pub(super) fn fwd_b_logq<const STORE: bool, const KL: bool>(
         }
     }
     (s, sq, acc)
+}
+
+/// `dst = a·x + b·y` with non-temporal (streaming) stores: the destination is not read into the
+/// cache first, which saves a fourth DRAM transfer per element when it is far larger than the
+/// caches. Ends with `sfence`, so the stores are visible to whoever reads `dst` next.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn axpby_stream(a: f32, x: &[f32], b: f32, y: &[f32], dst: &mut [f32]) {
+    let addr = dst.as_ptr() as usize;
+    let head = ((32 - addr % 32) % 32 / 4).min(dst.len());
+    let (h, rest) = dst.split_at_mut(head);
+    for (i, g) in h.iter_mut().enumerate() {
+        *g = a.mul_add(x[i], b * y[i]);
+    }
+    let (body, tail) = rest.as_chunks_mut::<8>();
+    let n = body.len();
+    let cx = &x[head..].as_chunks::<8>().0[..n];
+    let cy = &y[head..].as_chunks::<8>().0[..n];
+    let (va, vb) = (splat(a), splat(b));
+    for j in 0..n {
+        // SAFETY: `cx[j]`, `cy[j]` are 8 initialised f32 (unaligned loads).
+        let (xv, yv) =
+            unsafe { (_mm256_loadu_ps(cx[j].as_ptr()), _mm256_loadu_ps(cy[j].as_ptr())) };
+        let g = _mm256_fmadd_ps(va, xv, _mm256_mul_ps(vb, yv));
+        // SAFETY: `body[j]` is 8 writable f32 starting `head` elements after `dst`, which
+        // `head` aligned to 32 bytes (chunks are 32 bytes long), as `_mm256_stream_ps` requires.
+        unsafe { _mm256_stream_ps(body[j].as_mut_ptr(), g) };
+    }
+    let off = head + n * 8;
+    for (t, g) in tail.iter_mut().enumerate() {
+        *g = a.mul_add(x[off + t], b * y[off + t]);
+    }
+    _mm_sfence();
 }
 
 /// `dst = a·x + b·y + c`, zeroed where `mask` is `−inf` (if `MASK`).

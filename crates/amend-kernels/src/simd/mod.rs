@@ -265,18 +265,31 @@ fn exp_sum_one(
     shift: f32,
     k: f32,
     dst: Option<&mut [f32]>,
+    prefetch: usize,
 ) -> f32 {
     debug_assert!(mask.is_none_or(|m| m.len() == src.len()));
     debug_assert!(dst.as_ref().is_none_or(|d| d.len() == src.len()));
     dispatch!(
         match (dst, mask) {
-            (Some(d), Some(m)) => avx2::exp_sum::<true, true>(src, m, shift, k, d),
-            (Some(d), None) => avx2::exp_sum::<true, false>(src, &[], shift, k, d),
-            (None, Some(m)) => avx2::exp_sum::<false, true>(src, m, shift, k, &mut []),
-            (None, None) => avx2::exp_sum::<false, false>(src, &[], shift, k, &mut []),
+            (Some(d), Some(m)) => avx2::exp_sum::<true, true>(src, m, shift, k, d, prefetch),
+            (Some(d), None) => avx2::exp_sum::<true, false>(src, &[], shift, k, d, prefetch),
+            (None, Some(m)) => avx2::exp_sum::<false, true>(src, m, shift, k, &mut [], prefetch),
+            (None, None) => avx2::exp_sum::<false, false>(src, &[], shift, k, &mut [], prefetch),
         },
         portable::exp_sum(src, mask, shift, k, dst)
     )
+}
+
+/// [`exp_sum`] over a whole row (no skip, no mask) that also prefetches the next row, whose
+/// address is `prefetch` (0 = none), while it computes.
+pub(crate) fn exp_sum_pf(
+    src: &[f32],
+    shift: f32,
+    k: f32,
+    dst: Option<&mut [f32]>,
+    prefetch: usize,
+) -> f32 {
+    exp_sum_one(src, None, shift, k, dst, prefetch)
 }
 
 /// `dst = exp((src − shift)·k)` (when given) and returns `Σ`, with entry `skip` excluded from the
@@ -290,57 +303,84 @@ pub(crate) fn exp_sum(
     skip: Option<usize>,
 ) -> f32 {
     match skip {
-        None => exp_sum_one(src, mask, shift, k, dst),
+        None => exp_sum_one(src, mask, shift, k, dst, 0),
         Some(y) => match dst {
             Some(d) => {
                 let (d1, rest) = d.split_at_mut(y);
                 let (dy, d2) = rest.split_at_mut(1);
                 dy[0] = 0.0;
-                let a = exp_sum_one(&src[..y], mask.map(|m| &m[..y]), shift, k, Some(d1));
-                let b = exp_sum_one(&src[y + 1..], mask.map(|m| &m[y + 1..]), shift, k, Some(d2));
+                let a = exp_sum_one(&src[..y], mask.map(|m| &m[..y]), shift, k, Some(d1), 0);
+                let b =
+                    exp_sum_one(&src[y + 1..], mask.map(|m| &m[y + 1..]), shift, k, Some(d2), 0);
                 a + b
             }
             None => {
-                let a = exp_sum_one(&src[..y], mask.map(|m| &m[..y]), shift, k, None);
-                let b = exp_sum_one(&src[y + 1..], mask.map(|m| &m[y + 1..]), shift, k, None);
+                let a = exp_sum_one(&src[..y], mask.map(|m| &m[..y]), shift, k, None, 0);
+                let b = exp_sum_one(&src[y + 1..], mask.map(|m| &m[y + 1..]), shift, k, None, 0);
                 a + b
             }
         },
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+type FwdB =
+    unsafe fn(&[f32], f32, &[f32], f32, f32, &mut [f32], &mut [f32], [usize; 2]) -> (f32, f32, f32);
+
+/// The monomorphised AVX2 pass B for the given flags (store, mask, kl, guard).
+#[cfg(target_arch = "x86_64")]
+fn fwd_b_avx2(store: bool, masked: bool, kl: bool, guard: bool) -> FwdB {
+    macro_rules! pick {
+        ($($s:literal $m:literal $k:literal $g:literal),* $(,)?) => {
+            match (store, masked, kl, guard) {
+                $(($s, $m, $k, $g) => avx2::fwd_b::<$s, $m, $k, $g> as FwdB,)*
+            }
+        };
+    }
+    pick!(
+        true true true true, true true true false, true true false true, true true false false,
+        true false true true, true false true false, true false false true, true false false false,
+        false true true true, false true true false, false true false true, false true false false,
+        false false true true, false false true false, false false false true, false false false false,
+    )
+}
+
+/// Parameters of [`fwd_b`] besides the data: maxima `m`, `m°`, `k = 1/T`, the excluded token,
+/// the flags, and the addresses of the next row's logits and reference logits to prefetch
+/// (0 = none).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FwdParams {
+    pub m: f32,
+    pub mr: f32,
+    pub k: f32,
+    pub skip: Option<usize>,
+    pub masked: bool,
+    pub kl: bool,
+    pub guard: bool,
+    pub prefetch: [usize; 2],
+}
+
 fn fwd_b_one(
     z: &[f32],
-    m: f32,
     zr: &[f32],
-    mr: f32,
-    k: f32,
-    masked: bool,
-    kl: bool,
+    p: &FwdParams,
+    offset: usize,
     outs: Option<(&mut [f32], &mut [f32])>,
 ) -> (f32, f32, f32) {
     debug_assert_eq!(z.len(), zr.len());
     debug_assert!(outs.as_ref().is_none_or(|(a, b)| a.len() == z.len() && b.len() == z.len()));
+    let guard = p.guard || p.masked;
+    let pf =
+        if p.prefetch[0] == 0 { [0, 0] } else { p.prefetch.map(|a| a.wrapping_add(4 * offset)) };
     dispatch!(
-        match (outs, masked, kl) {
-            (Some((e, er)), false, true) =>
-                avx2::fwd_b::<true, false, true>(z, m, zr, mr, k, e, er),
-            (Some((e, er)), false, false) =>
-                avx2::fwd_b::<true, false, false>(z, m, zr, mr, k, e, er),
-            (Some((e, er)), true, true) => avx2::fwd_b::<true, true, true>(z, m, zr, mr, k, e, er),
-            (Some((e, er)), true, false) =>
-                avx2::fwd_b::<true, true, false>(z, m, zr, mr, k, e, er),
-            (None, false, true) =>
-                avx2::fwd_b::<false, false, true>(z, m, zr, mr, k, &mut [], &mut []),
-            (None, false, false) =>
-                avx2::fwd_b::<false, false, false>(z, m, zr, mr, k, &mut [], &mut []),
-            (None, true, true) =>
-                avx2::fwd_b::<false, true, true>(z, m, zr, mr, k, &mut [], &mut []),
-            (None, true, false) =>
-                avx2::fwd_b::<false, true, false>(z, m, zr, mr, k, &mut [], &mut []),
+        {
+            let f = fwd_b_avx2(outs.is_some(), p.masked, p.kl, guard);
+            match outs {
+                Some((e, er)) => f(z, p.m, zr, p.mr, p.k, e, er, pf),
+                None => f(z, p.m, zr, p.mr, p.k, &mut [], &mut [], pf),
+            }
         },
-        portable::fwd_b(z, m, zr, mr, k, masked, kl, outs)
+        portable::fwd_b(z, p.m, zr, p.mr, p.k, p.masked, p.kl, outs)
     )
 }
 
@@ -352,23 +392,18 @@ fn fwd_b_one(
 /// returns (Σ e, Σ e°, acc),  acc = Σ_{e° kept} e°·(x° − x)  (kl)   or   Σ e°·x  (cross-entropy)
 /// ```
 ///
-/// and stores `e`, `e°` into `outs` when given.
-#[allow(clippy::too_many_arguments)]
+/// and stores `e`, `e°` into `outs` when given. `guard` is required when `z` or `z°` may hold
+/// `−inf` (it keeps `0·inf` out of `acc`); `masked` implies it.
 pub(crate) fn fwd_b(
     z: &[f32],
-    m: f32,
     zr: &[f32],
-    mr: f32,
-    k: f32,
-    skip: Option<usize>,
-    masked: bool,
-    kl: bool,
+    p: &FwdParams,
     outs: Option<(&mut [f32], &mut [f32])>,
 ) -> (f32, f32, f32) {
-    let Some(y) = skip else {
-        return fwd_b_one(z, m, zr, mr, k, masked, kl, outs);
+    let Some(y) = p.skip else {
+        return fwd_b_one(z, zr, p, 0, outs);
     };
-    let ey = exp1((z[y] - m) * k);
+    let ey = exp1((z[y] - p.m) * p.k);
     let (a, b) = match outs {
         Some((e, er)) => {
             let (e1, rest) = e.split_at_mut(y);
@@ -377,13 +412,13 @@ pub(crate) fn fwd_b(
             let (ery_slot, er2) = rest.split_at_mut(1);
             ey_slot[0] = ey;
             ery_slot[0] = 0.0;
-            let a = fwd_b_one(&z[..y], m, &zr[..y], mr, k, masked, kl, Some((e1, er1)));
-            let b = fwd_b_one(&z[y + 1..], m, &zr[y + 1..], mr, k, masked, kl, Some((e2, er2)));
+            let a = fwd_b_one(&z[..y], &zr[..y], p, 0, Some((e1, er1)));
+            let b = fwd_b_one(&z[y + 1..], &zr[y + 1..], p, y + 1, Some((e2, er2)));
             (a, b)
         }
         None => (
-            fwd_b_one(&z[..y], m, &zr[..y], mr, k, masked, kl, None),
-            fwd_b_one(&z[y + 1..], m, &zr[y + 1..], mr, k, masked, kl, None),
+            fwd_b_one(&z[..y], &zr[..y], p, 0, None),
+            fwd_b_one(&z[y + 1..], &zr[y + 1..], p, y + 1, None),
         ),
     };
     (a.0 + ey + b.0, a.1 + b.1, a.2 + b.2)
@@ -409,6 +444,13 @@ pub(crate) fn fwd_b_logq(
         },
         portable::fwd_b_logq(z, m, k, lt, kl, outs)
     )
+}
+
+/// `dst = a·x + b·y` with streaming stores where available (for destinations much larger than
+/// the caches; see `avx2::axpby_stream`).
+pub(crate) fn axpby_stream(a: f32, x: &[f32], b: f32, y: &[f32], dst: &mut [f32]) {
+    debug_assert!(x.len() == dst.len() && y.len() == dst.len());
+    dispatch!(avx2::axpby_stream(a, x, b, y, dst), portable::axpbyc(a, x, b, y, 0.0, None, dst))
 }
 
 /// `dst = a·x + b·y + c`, 0 where `mask` is `−inf`.
@@ -484,4 +526,64 @@ pub(crate) fn rev_grad(e: &[f32], inv_s: f32, t: &[f32], l: f32, a: f32, dst: &m
 /// `(#{z > −inf}, Σ_{z > −inf} (z − m)·k)`.
 pub(crate) fn sum_shifted(z: &[f32], m: f32, k: f32) -> (usize, f32) {
     dispatch!(avx2::sum_shifted(z, m, k), portable::sum_shifted(z, m, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 100.0 - 10.0
+            })
+            .collect()
+    }
+
+    /// Streaming stores write exactly what the cached path writes, for every alignment of the
+    /// destination and lengths around the vector width.
+    #[test]
+    fn axpby_stream_matches_axpbyc_at_any_alignment() {
+        for len in [0usize, 1, 7, 8, 9, 31, 64, 1000] {
+            let (x, y) = (data(len, 3), data(len, 5));
+            for offset in 0..8 {
+                let mut a = vec![f32::NAN; len + offset];
+                let mut b = vec![f32::NAN; len + offset];
+                axpby_stream(0.75, &x, -1.25, &y, &mut a[offset..]);
+                axpbyc(0.75, &x, -1.25, &y, 0.0, None, &mut b[offset..]);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a[offset..]), bits(&b[offset..]), "len {len} offset {offset}");
+            }
+        }
+    }
+
+    /// The prefetching variants compute exactly what the plain ones compute.
+    #[test]
+    fn prefetch_hints_change_no_result() {
+        let z = data(5000, 7);
+        let zr = data(5000, 9);
+        let (mut e1, mut e2) = (vec![0.0; 5000], vec![0.0; 5000]);
+        let a = exp_sum_pf(&z, 10.0, 1.0, Some(&mut e1), zr.as_ptr() as usize);
+        let b = exp_sum(&z, None, 10.0, 1.0, Some(&mut e2), None);
+        assert_eq!(a.to_bits(), b.to_bits());
+        assert_eq!(e1, e2);
+        let mut p = FwdParams {
+            m: 10.0,
+            mr: 10.0,
+            k: 1.0,
+            skip: Some(17),
+            masked: false,
+            kl: true,
+            guard: false,
+            prefetch: [0, 0],
+        };
+        let plain = fwd_b(&z, &zr, &p, None);
+        p.prefetch = [z.as_ptr() as usize, zr.as_ptr() as usize];
+        let hinted = fwd_b(&z, &zr, &p, None);
+        assert_eq!(plain, hinted);
+    }
 }

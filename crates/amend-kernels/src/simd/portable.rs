@@ -36,9 +36,10 @@ pub(super) fn exp_sum(
     mut dst: Option<&mut [f32]>,
 ) -> f32 {
     let mut s = 0.0f64;
+    let mk = shift * k;
     for (i, &v) in src.iter().enumerate() {
         let masked = mask.is_some_and(|m| m[i] == NEG_INF);
-        let e = if masked { 0.0 } else { exp((v - shift) * k) };
+        let e = if masked { 0.0 } else { exp(v * k - mk) };
         s += f64::from(e);
         if let Some(d) = dst.as_deref_mut() {
             d[i] = e;
@@ -59,9 +60,10 @@ pub(super) fn fwd_b(
     mut outs: Option<(&mut [f32], &mut [f32])>,
 ) -> (f32, f32, f32) {
     let (mut s, mut sr, mut acc) = (0.0f64, 0.0f64, 0.0f64);
+    let (mk, mrk) = (m * k, mr * k);
     for (i, (&zv, &rv)) in z.iter().zip(zr).enumerate() {
-        let x = (zv - m) * k;
-        let xr = (rv - mr) * k;
+        let x = zv * k - mk;
+        let xr = rv * k - mrk;
         let e = exp(x);
         let keep = xr >= EXP_LO && !(masked && zv == NEG_INF);
         let er = if keep { exp(xr) } else { 0.0 };
