@@ -47,7 +47,9 @@ fn parent() {
             Some(t) => vec![t],
             None => vec![1, 2],
         };
-    println!("| kernel | variant | shape | threads | peak step memory (MiB) | ×[N,V] f32 |");
+    println!(
+        "| kernel | variant | shape | threads | peak step memory (MiB) | × one [N,V] f32 tensor |"
+    );
     println!("|---|---|---|---|---|---|");
     let nv_mib = (n * v * 4) as f64 / (1024.0 * 1024.0);
     for t in threads {
@@ -74,7 +76,7 @@ fn parent() {
                     .expect("child prints peak_step_kib");
                 let mib = kib / 1024.0;
                 println!(
-                    "| {kernel} | {variant} | {n}×{v} | {t} | {mib:.0} | {:.2} |",
+                    "| {kernel} | {variant} | {n}×{v} | {t} | {mib:.1} | {:.3} |",
                     mib / nv_mib
                 );
             }

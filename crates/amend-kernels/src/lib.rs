@@ -20,7 +20,7 @@
 //! `std::thread::scope` threads; there is no global pool, so nothing oversubscribes libtorch's
 //! OpenMP pool), and return [`BatchStats`] (the f64 sum over rows and the active count).
 //!
-//! Each kernel has an f64 oracle in [`reference`] (simple, slow, obviously right) and a
+//! Each kernel has an f64 oracle in [`reference`](mod@reference) (simple, slow, obviously right) and a
 //! straightforward sibling in [`naive`] (multi-pass, scalar `f32::exp`) that benchmarks compare
 //! against. The vectorised `exp` and its accuracy bound are documented in [`simd`].
 //!
