@@ -52,6 +52,19 @@ pub enum KernelError {
         /// What is wrong with the row.
         reason: &'static str,
     },
+    /// A candidate token id of an unlikelihood row is outside `[0, vocab)` (negative ids mark
+    /// empty slots and are skipped).
+    #[error("{op}: candidate id {id} of row {row} is outside [0, {vocab})")]
+    CandidateOutOfRange {
+        /// Operation that rejected the input.
+        op: &'static str,
+        /// Row index.
+        row: usize,
+        /// The offending id.
+        id: i64,
+        /// Vocabulary size.
+        vocab: usize,
+    },
     /// An argument is outside its domain (a negative weight, a zero smoothing epsilon, ...).
     #[error("{op}: invalid `{name}`: {reason}")]
     InvalidArg {
