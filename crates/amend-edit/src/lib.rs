@@ -6,6 +6,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`profs`] | ProFS: pooled embeddings, centred SVD basis, low-rank projection of the MLP value weights |
+//! | [`ft`] | FT-L, FT-M, conditional likelihood with augmentation; single / sequential / batched edits |
 //! | [`metrics`] | efficacy, paraphrase, locality, portability, fluency, edit score; `memit-prob`, `memit-tokacc`, `easyedit-tokacc` |
 //! | [`manifest`] | the `amend_edit.json` manifest and the atomic write of edited directories |
 //!
@@ -15,6 +16,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod error;
+pub mod ft;
 pub mod io;
 pub mod manifest;
 pub mod metrics;

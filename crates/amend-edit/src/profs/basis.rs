@@ -2,10 +2,11 @@
 //! the projected subspace (spec A.3 steps 5–8). No model involved.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::config::{BasisOptions, Centering, RankPolicy};
 use crate::report::EditWarning;
+use crate::util::to_f64_vec;
 use crate::{Error, Result};
 
 /// The projected subspace of one layer.
@@ -86,10 +87,6 @@ pub struct LayerSummary {
     pub explained_energy: f64,
     /// Left unedited (degenerate).
     pub skipped: bool,
-}
-
-fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(t.f_to_kind(Kind::Double)?.f_flatten(0, -1)?)?)
 }
 
 /// Checks `k` against the number of pairs and the hidden size (PF-6) and warns at `k = D`.
@@ -233,7 +230,7 @@ pub fn profs_basis(
 
     // Step 7: SVD and rank checks.
     let (_, s, v) = t.f_svd(true, true)?;
-    let sigma = to_vec_f64(&s)?;
+    let sigma = to_f64_vec(&s)?;
     let s1 = sigma.first().copied().unwrap_or(0.0);
     let scale = {
         let (_, s0, _) = t0.f_svd(true, false)?;
