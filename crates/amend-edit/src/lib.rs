@@ -8,6 +8,7 @@
 //! | [`profs`] | ProFS: pooled embeddings, centred SVD basis, low-rank projection of the MLP value weights |
 //! | [`ft`] | FT-L, FT-M, conditional likelihood with augmentation; single / sequential / batched edits |
 //! | [`metrics`] | efficacy, paraphrase, locality, portability, fluency, edit score; `memit-prob`, `memit-tokacc`, `easyedit-tokacc` |
+//! | [`tasks`] | the synthetic fact-edit task (seeded fact base, tiny GPT-2, counterfactual edits) |
 //! | [`manifest`] | the `amend_edit.json` manifest and the atomic write of edited directories |
 //!
 //! Edits write a new Hugging Face directory atomically and never touch the input checkpoint.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod profs;
 pub mod report;
 mod request;
+pub mod tasks;
 mod util;
 
 pub use error::{Error, Result};

@@ -55,22 +55,32 @@ impl Manifest {
     }
 }
 
-/// SHA-256 (hex) of every `*.safetensors` file in `dir`, by file name.
+/// SHA-256 (hex) of the weight files of the checkpoint in `dir`, by file name: the shards listed
+/// in `model.safetensors.index.json` when there is one, else `model.safetensors`.
 ///
 /// # Errors
-/// [`Error::Io`].
+/// [`Error::Io`]; [`Error::Json`] for an unreadable index.
 pub fn hash_weight_files(dir: &Path) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut files = Vec::new();
-    for e in entries {
-        let e = e.map_err(|e| Error::io(dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".safetensors") {
-            files.push((name, e.path()));
+    let index = dir.join(amend_models::WEIGHTS_INDEX_FILE);
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: index.clone(), line: None, source })?;
+        let mut names: Vec<String> = v["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        files.extend(names.into_iter().map(|n| (n.clone(), dir.join(n))));
+    } else {
+        let f = dir.join(amend_models::WEIGHTS_FILE);
+        if f.is_file() {
+            files.push((amend_models::WEIGHTS_FILE.to_string(), f));
         }
     }
-    files.sort();
     for (name, path) in files {
         let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let mut h = Sha256::new();
@@ -120,4 +130,59 @@ pub fn write_edited_model<M: CausalLm + ?Sized>(
 /// [`Error::Json`].
 pub fn to_json_value<T: Serialize>(what: &str, v: &T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|source| Error::Json { path: what.into(), line: None, source })
+}
+
+/// Writes `files` (name → bytes) into a new directory `out_dir`, atomically: into a temporary
+/// directory next to it, synced, then renamed into place. An existing `out_dir` is an error
+/// unless `overwrite`, in which case it is replaced only once the new directory is complete.
+/// Used for outputs without weights (e.g. the metrics of single-mode edits).
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an existing output without `overwrite`; [`Error::Io`].
+pub fn write_dir_atomically(
+    out_dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
+    overwrite: bool,
+) -> Result<PathBuf> {
+    use std::io::Write;
+    if out_dir.exists() && !overwrite {
+        return Err(Error::invalid(
+            "write_dir_atomically",
+            out_dir.display().to_string(),
+            "exists already (pass overwrite to replace it)",
+        ));
+    }
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".amend-edit-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    for (name, bytes) in files {
+        let path = tmp.path().join(name);
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&path, e))?;
+        f.sync_all().map_err(|e| Error::io(&path, e))?;
+    }
+    let staged = tmp.keep();
+    if out_dir.exists() {
+        let old = parent.join(format!(
+            ".amend-edit-old-{}",
+            out_dir.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned())
+        ));
+        std::fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
+        if let Err(e) = std::fs::rename(&staged, out_dir) {
+            let _ = std::fs::rename(&old, out_dir);
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(Error::io(out_dir, e));
+        }
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    } else if let Err(e) = std::fs::rename(&staged, out_dir) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(Error::io(out_dir, e));
+    }
+    Ok(out_dir.to_path_buf())
 }

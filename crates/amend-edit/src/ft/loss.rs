@@ -14,27 +14,30 @@ use crate::{Error, Result};
 
 /// Reduces per-example sums `[B]` with per-example counts `[B]`.
 fn reduce(sums: &Tensor, counts: &Tensor, reduction: TargetReduction) -> Result<Tensor> {
+    // f64 stays f64 (tests, finite differences); everything else is reduced in f32.
+    let kind = if sums.f_kind()? == Kind::Double { Kind::Double } else { Kind::Float };
+    let sums = sums.f_to_kind(kind)?;
+    let counts = counts.f_to_kind(kind)?;
     match reduction {
         TargetReduction::TokenMean => {
-            let total = counts.f_sum(Kind::Float)?;
-            let n = total.f_double_value(&[])?;
+            let n = counts.f_sum(kind)?.f_double_value(&[])?;
             if n == 0.0 {
                 // Nothing to train: loss 0 with a zero gradient.
-                return Ok(sums.f_sum(Kind::Float)?.f_mul_scalar(0.0)?);
+                return Ok(sums.f_sum(kind)?.f_mul_scalar(0.0)?);
             }
-            Ok(sums.f_sum(Kind::Float)?.f_div_scalar(n)?)
+            Ok(sums.f_sum(kind)?.f_div_scalar(n)?)
         }
         TargetReduction::ExampleMean => {
             let active = counts.f_gt(0.0)?;
-            let n = active.f_sum(Kind::Float)?.f_double_value(&[])?;
+            let n = active.f_sum(kind)?.f_double_value(&[])?;
             if n == 0.0 {
-                return Ok(sums.f_sum(Kind::Float)?.f_mul_scalar(0.0)?);
+                return Ok(sums.f_sum(kind)?.f_mul_scalar(0.0)?);
             }
             // Masking by selection: rows without targets contribute an exact 0.
             let safe = counts.f_clamp_min(1.0)?;
             let per = sums.f_div(&safe)?;
             let zero = per.f_zeros_like()?;
-            Ok(per.f_where_self(&active, &zero)?.f_sum(Kind::Float)?.f_div_scalar(n)?)
+            Ok(per.f_where_self(&active, &zero)?.f_sum(kind)?.f_div_scalar(n)?)
         }
     }
 }
@@ -105,8 +108,8 @@ pub fn conditional_nll(
     let m = mask.f_narrow(1, 1, t - 1)?;
     let cfg = NllConfig::default().with_reduction(Reduction::PerSequence);
     let out = nll_loss(&z, &y, Some(&m), &cfg)?;
-    let counts = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?;
-    reduce(&out.loss.f_to_kind(Kind::Float)?, &counts, reduction)
+    let counts = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Double)?;
+    reduce(&out.loss, &counts, reduction)
 }
 
 /// EasyEdit FT-L (`objective_optimization: prompt_last`): every target token is scored from the
@@ -163,8 +166,8 @@ pub fn prompt_last_nll(
     let m = targets_mask.f_to_kind(Kind::Bool)?;
     let cfg = NllConfig::default().with_reduction(Reduction::PerSequence);
     let out = nll_loss(&z, targets, Some(&m), &cfg)?;
-    let counts = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?;
-    reduce(&out.loss.f_to_kind(Kind::Float)?, &counts, reduction)
+    let counts = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Double)?;
+    reduce(&out.loss, &counts, reduction)
 }
 
 /// The edit loss of one batch under `objective` (a scalar with the graph).

@@ -551,3 +551,15 @@ pub fn summarize(pre: &[RecordEval], post: &[RecordEval]) -> Result<EditMetrics>
         fluency,
     })
 }
+
+/// Token-weighted mean NLL of texts (every token after the first is scored; the BOS/EOS token is
+/// put first so that the first word is scored too). Used to see how an edit changes the
+/// likelihood of preferred and dis-preferred texts.
+///
+/// # Errors
+/// [`Error::Model`] (no tokenizer, a text with no tokens, forward errors).
+pub fn mean_text_nll<M: CausalLm + ?Sized>(model: &M, texts: &[&str], batch_size: usize) -> Result<f64> {
+    let opts = amend_models::ScoreOptions { prepend_bos: true, batch_size: batch_size.max(1), ..Default::default() };
+    let scores = amend_models::score_texts(model, texts, &opts)?;
+    Ok(amend_models::corpus_perplexity(&scores).ln())
+}

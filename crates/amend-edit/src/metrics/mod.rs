@@ -23,7 +23,7 @@ mod scores;
 pub use eval::{
     AnswerScore, EasyEditPhase, EditMetrics, EvalConfig, FluencyConfig, FluencySummary, PrePost,
     ProbSummary, ProbeEval, PromptEval, RecordEval, ZsreSummary, evaluate_requests,
-    record_locality, score_answers, summarize,
+    mean_text_nll, record_locality, score_answers, summarize,
 };
 pub use scores::{
     ProbRecord, Protocol, Stat, WordTokenizer, counterfact_record, generation_entropy, hmean,
