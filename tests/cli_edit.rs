@@ -45,12 +45,32 @@ fn project_writes_an_edited_model_with_manifest_and_metrics() {
     let metrics = tmp.path().join("m.json");
     let model = fixture();
     let stdout = ok(&amend(&[
-        "edit", "project", "--model", model.to_str().unwrap(), "--pairs", &example("profs_pairs.jsonl"),
-        "--out", out.to_str().unwrap(), "--layers", "0..2", "--rank", "2", "--threads", "1",
-        "--quiet", "--metrics", metrics.to_str().unwrap(),
+        "edit",
+        "project",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        &example("profs_pairs.jsonl"),
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "0..2",
+        "--rank",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().unwrap(),
     ]));
     assert!(stdout.contains("ProFS: layers 0..2, k = 2, 6 pairs"), "{stdout}");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "amend_edit.json", "amend_edit_metrics.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "amend_edit.json",
+        "amend_edit_metrics.json",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let m = json(&out.join("amend_edit.json"));
@@ -64,11 +84,31 @@ fn project_writes_an_edited_model_with_manifest_and_metrics() {
     use amend::models::CausalLm;
     let key = "transformer.h.0.mlp.c_proj.weight";
     assert!(!edited.params().tensor(key).unwrap().equal(orig.params().tensor(key).unwrap()));
-    assert!(edited.params().tensor("transformer.wte.weight").unwrap().equal(orig.params().tensor("transformer.wte.weight").unwrap()));
+    assert!(
+        edited
+            .params()
+            .tensor("transformer.wte.weight")
+            .unwrap()
+            .equal(orig.params().tensor("transformer.wte.weight").unwrap())
+    );
 
     // Existing output without --overwrite, a layer range past the model, a rank above the
     // number of pairs, no default for this model: clear errors, non-zero exit.
-    let again = amend(&["edit", "project", "--model", model.to_str().unwrap(), "--pairs", &example("profs_pairs.jsonl"), "--out", out.to_str().unwrap(), "--layers", "0..2", "--rank", "2", "--quiet"]);
+    let again = amend(&[
+        "edit",
+        "project",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        &example("profs_pairs.jsonl"),
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "0..2",
+        "--rank",
+        "2",
+        "--quiet",
+    ]);
     assert!(!again.status.success());
     for (args, needle) in [
         (vec!["--layers", "1..3", "--rank", "1"], "layer range 1..3"),
@@ -89,9 +129,30 @@ fn project_writes_an_edited_model_with_manifest_and_metrics() {
     }
     // A malformed pairs file names the line.
     let bad = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"preferred\": \"a\", \"dispreferred\": \"b\"}\n{\"preferred\": \"a\"}\n").unwrap();
-    let r = amend(&["edit", "project", "--model", model.to_str().unwrap(), "--pairs", bad.to_str().unwrap(), "--out", tmp.path().join("x").to_str().unwrap(), "--layers", "0..1", "--rank", "1"]);
-    assert!(String::from_utf8_lossy(&r.stderr).contains("line 2"), "{}", String::from_utf8_lossy(&r.stderr));
+    std::fs::write(
+        &bad,
+        "{\"preferred\": \"a\", \"dispreferred\": \"b\"}\n{\"preferred\": \"a\"}\n",
+    )
+    .unwrap();
+    let r = amend(&[
+        "edit",
+        "project",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+        "--layers",
+        "0..1",
+        "--rank",
+        "1",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 }
 
 #[test]
@@ -100,22 +161,56 @@ fn finetune_batched_and_single() {
     let model = fixture();
     let out = tmp.path().join("ftm");
     let stdout = ok(&amend(&[
-        "edit", "finetune", "--model", model.to_str().unwrap(), "--edits", &example("edits.jsonl"),
-        "--out", out.to_str().unwrap(), "--method", "ft-m-aug", "--layers", "1", "--lr", "1e-2",
-        "--epochs", "3", "--locality-pool", &example("locality_pool.jsonl"), "--threads", "1", "--quiet",
+        "edit",
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--edits",
+        &example("edits.jsonl"),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "ft-m-aug",
+        "--layers",
+        "1",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        "3",
+        "--locality-pool",
+        &example("locality_pool.jsonl"),
+        "--threads",
+        "1",
+        "--quiet",
     ]));
     assert!(stdout.contains("ft-m-aug (Batched): 3 edits, rows E/P/R = 3/30/12"), "{stdout}");
     let m = json(&out.join("amend_edit_metrics.json"));
     assert_eq!(m["outcome"]["metrics"]["memit_prob"]["post"]["protocol"], "memit-prob");
-    assert!(m["outcome"]["metrics"]["easyedit_tokacc"]["post"]["portability"]["one_hop"].is_number());
+    assert!(
+        m["outcome"]["metrics"]["easyedit_tokacc"]["post"]["portability"]["one_hop"].is_number()
+    );
     assert_eq!(json(&out.join("amend_edit.json"))["method"], "finetune");
     assert!(amend::models::load(&out, &Default::default()).is_ok());
 
     let single = tmp.path().join("single");
     let stdout = ok(&amend(&[
-        "edit", "finetune", "--model", model.to_str().unwrap(), "--edits", &example("edits.jsonl"),
-        "--out", single.to_str().unwrap(), "--method", "ft-l", "--mode", "single", "--epochs", "2",
-        "--threads", "1", "--quiet",
+        "edit",
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--edits",
+        &example("edits.jsonl"),
+        "--out",
+        single.to_str().unwrap(),
+        "--method",
+        "ft-l",
+        "--mode",
+        "single",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
     ]));
     assert!(stdout.contains("restored exactly: true"), "{stdout}");
     assert!(single.join("amend_edit_metrics.json").is_file());
@@ -123,8 +218,22 @@ fn finetune_batched_and_single() {
 
     // An edit whose target is empty: the error names the request and the field.
     let bad = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"target_new\": \"b\"}\n{\"prompt\": \"c\", \"target_new\": \" \"}\n").unwrap();
-    let r = amend(&["edit", "finetune", "--model", model.to_str().unwrap(), "--edits", bad.to_str().unwrap(), "--out", tmp.path().join("y").to_str().unwrap(), "--quiet"]);
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"target_new\": \"b\"}\n{\"prompt\": \"c\", \"target_new\": \" \"}\n",
+    )
+    .unwrap();
+    let r = amend(&[
+        "edit",
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--edits",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+        "--quiet",
+    ]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("edit request 1: field `target_new`"), "{err}");

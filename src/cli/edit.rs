@@ -13,12 +13,11 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
 use amend::edit::ft::{
-    Augmentation, EditMode, FtOptions, FtRecipe, LocalityFacts, ParamSelector, ft_edit,
-    ft_manifest,
+    Augmentation, EditMode, FtOptions, FtRecipe, LocalityFacts, ParamSelector, ft_edit, ft_manifest,
 };
 use amend::edit::io::read_jsonl;
 use amend::edit::manifest::{
-    METRICS_FILE, MANIFEST_FILE, OutputOptions, write_dir_atomically, write_edited_model,
+    MANIFEST_FILE, METRICS_FILE, OutputOptions, write_dir_atomically, write_edited_model,
 };
 use amend::edit::metrics::{EvalConfig, FluencyConfig, mean_text_nll};
 use amend::edit::profs::{
@@ -536,11 +535,12 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
         (None, MethodArg::GsSingle) => FtRecipe::gs_single(),
         (None, MethodArg::GsMass) => FtRecipe::gs_mass(),
     };
-    if a.recipe.is_none() && pool.is_empty() {
-        if let LocalityFacts::Random { .. } = recipe.augmentation.locality {
-            eprintln!("note: no --locality-pool given: training without locality facts");
-            recipe.augmentation.locality = LocalityFacts::None;
-        }
+    if a.recipe.is_none()
+        && pool.is_empty()
+        && matches!(recipe.augmentation.locality, LocalityFacts::Random { .. })
+    {
+        eprintln!("note: no --locality-pool given: training without locality facts");
+        recipe.augmentation.locality = LocalityFacts::None;
     }
     recipe.mode = match a.mode {
         ModeArg::Single => EditMode::Single,

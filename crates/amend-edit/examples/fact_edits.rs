@@ -58,8 +58,11 @@ fn main() -> anyhow::Result<()> {
     let task = FactTask::new(&FactTaskConfig::default())?;
     let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let t0 = Instant::now();
-    let (model, report, dir) =
-        task.model(&FactTask::recipe(), &cache, &RunOptions { progress: true, metrics_path: None })?;
+    let (model, report, dir) = task.model(
+        &FactTask::recipe(),
+        &cache,
+        &RunOptions { progress: true, metrics_path: None },
+    )?;
     println!(
         "model {} ({} parameters, eval perplexity {:.3}, trained in {:.0} s; loaded in {:.1} s)",
         dir.display(),
@@ -83,7 +86,8 @@ fn main() -> anyhow::Result<()> {
             ..FluencyConfig::default()
         }),
     };
-    let opts = FtOptions { locality_pool: task.locality_pool.clone(), eval: Some(eval), progress: true };
+    let opts =
+        FtOptions { locality_pool: task.locality_pool.clone(), eval: Some(eval), progress: true };
 
     let mut outcomes: Vec<(String, String, FtOutcome, f64)> = Vec::new();
     for recipe in [ft_l, ft_m, ft_m_aug] {
@@ -106,7 +110,9 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("| method | mode | ES | PS | NS | S (memit-prob) | rewrite_acc | rephrase_acc | locality | GE | rows E/P/R | steps | time |");
+    println!(
+        "| method | mode | ES | PS | NS | S (memit-prob) | rewrite_acc | rephrase_acc | locality | GE | rows E/P/R | steps | time |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.1}"));
     let mut first = true;
@@ -153,9 +159,12 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|(n, mode, o, s)| serde_json::json!({"method": n, "mode": mode, "seconds": s, "outcome": o}))
             .collect();
-        std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({
-            "model_dir": dir, "model_report": report, "base_accuracy": base, "runs": v,
-        }))?)?;
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "model_dir": dir, "model_report": report, "base_accuracy": base, "runs": v,
+            }))?,
+        )?;
         println!("\nwrote {}", path.display());
     }
     let _ = model.num_layers();

@@ -41,7 +41,9 @@ pub enum Error {
         got: Vec<i64>,
     },
     /// The preferred and dis-preferred sides of the preference data differ in length.
-    #[error("{op}: {preferred} preferred texts but {dispreferred} dis-preferred texts (pairs must match one to one)")]
+    #[error(
+        "{op}: {preferred} preferred texts but {dispreferred} dis-preferred texts (pairs must match one to one)"
+    )]
     PairCountMismatch {
         /// The operation.
         op: &'static str,
@@ -107,7 +109,9 @@ pub enum Error {
         layer: usize,
     },
     /// A layer range is empty or reaches past the model's last layer (PF-11).
-    #[error("{op}: layer range {start}..{end} is invalid for a model with {num_layers} layers ({reason})")]
+    #[error(
+        "{op}: layer range {start}..{end} is invalid for a model with {num_layers} layers ({reason})"
+    )]
     LayerRange {
         /// The operation.
         op: &'static str,
@@ -212,7 +216,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// An [`Error::InvalidInput`].
-    pub(crate) fn invalid(op: &'static str, name: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        op: &'static str,
+        name: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::InvalidInput { op, name: name.into(), reason: reason.into() }
     }
 

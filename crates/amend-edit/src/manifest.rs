@@ -50,8 +50,11 @@ impl Manifest {
     /// # Errors
     /// [`Error::Json`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec_pretty(self)
-            .map_err(|source| Error::Json { path: MANIFEST_FILE.into(), line: None, source })
+        serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
+            path: MANIFEST_FILE.into(),
+            line: None,
+            source,
+        })
     }
 }
 
@@ -66,8 +69,11 @@ pub fn hash_weight_files(dir: &Path) -> Result<BTreeMap<String, String>> {
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|source| Error::Json { path: index.clone(), line: None, source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            line: None,
+            source,
+        })?;
         let mut names: Vec<String> = v["weight_map"]
             .as_object()
             .map(|m| m.values().filter_map(|x| x.as_str().map(str::to_string)).collect())

@@ -38,20 +38,26 @@ fn b6_conditional_full_and_prompt_last() {
     let z = b6_logits();
     let x = ids(&[0, 1, 2, 3]);
     // Per-position NLL (predicting ids 1, 2, 3) = [1.44019, 0.595611, 0.851129].
-    let cond = conditional_nll(&z, &x, &mask(&[false, false, true, true]), TargetReduction::TokenMean)
-        .unwrap();
+    let cond =
+        conditional_nll(&z, &x, &mask(&[false, false, true, true]), TargetReduction::TokenMean)
+            .unwrap();
     F32.assert_all_close("L_cond", &[val(&cond)], &[0.72337]);
-    let full = conditional_nll(&z, &x, &mask(&[false, true, true, true]), TargetReduction::TokenMean)
-        .unwrap();
+    let full =
+        conditional_nll(&z, &x, &mask(&[false, true, true, true]), TargetReduction::TokenMean)
+            .unwrap();
     F32.assert_all_close("full likelihood", &[val(&full)], &[0.96231]);
     let last = z.narrow(1, 1, 1).squeeze_dim(1);
-    let pl = prompt_last_nll(&last, &ids(&[2, 3]), &mask(&[true, true]), TargetReduction::ExampleMean)
-        .unwrap();
+    let pl =
+        prompt_last_nll(&last, &ids(&[2, 3]), &mask(&[true, true]), TargetReduction::ExampleMean)
+            .unwrap();
     F32.assert_all_close("prompt_last", &[val(&pl)], &[1.345611]);
     // argmax per position = [0, 2, 3]: EasyEdit rewrite_acc = 1.0 for targets [2, 3].
     let am: Vec<i64> = Vec::try_from(z.narrow(1, 0, 3).argmax(-1, false).flatten(0, -1)).unwrap();
     assert_eq!(am, vec![0, 2, 3]);
-    assert_eq!(amend_edit::metrics::token_accuracy(&[2, 3], &[am[1] as u32, am[2] as u32]).unwrap(), 1.0);
+    assert_eq!(
+        amend_edit::metrics::token_accuracy(&[2, 3], &[am[1] as u32, am[2] as u32]).unwrap(),
+        1.0
+    );
 }
 
 #[test]
@@ -59,12 +65,14 @@ fn b6_value_mask_vs_position_mask() {
     let z = b6_logits();
     let x = ids(&[0, 2, 2, 3]);
     // Position mask: prompt [0, 2], target [2, 3] → positions 2, 3.
-    let pos = conditional_nll(&z, &x, &mask(&[false, false, true, true]), TargetReduction::TokenMean)
-        .unwrap();
+    let pos =
+        conditional_nll(&z, &x, &mask(&[false, false, true, true]), TargetReduction::TokenMean)
+            .unwrap();
     F32.assert_all_close("position mask", &[val(&pos)], &[0.72337]);
     // The batch builder derives exactly that mask from the rows; the value mask keeps the
     // prompt's token 2 too.
-    let row = EditRow { prompt_ids: vec![0, 2], target_ids: vec![2, 3], kind: RowKind::Edit, request: 0 };
+    let row =
+        EditRow { prompt_ids: vec![0, 2], target_ids: vec![2, 3], kind: RowKind::Edit, request: 0 };
     let opts = |m| BatchOptions {
         objective: Objective::Conditional,
         mask: m,
@@ -130,16 +138,23 @@ fn b6_bf16_update_needs_f32_master() {
 #[test]
 fn norm_box_clamps_around_the_start() {
     let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-    let mut opt =
-        EditOptimizer::new(vec![("w".into(), p.shallow_clone())], OptimizerConfig::default(), Some(0.01))
-            .unwrap();
+    let mut opt = EditOptimizer::new(
+        vec![("w".into(), p.shallow_clone())],
+        OptimizerConfig::default(),
+        Some(0.01),
+    )
+    .unwrap();
     for _ in 0..20 {
         opt.zero_grad().unwrap();
         (&p * Tensor::from_slice(&[1.0f32, -1.0])).sum(Kind::Float).backward();
         opt.step(0.1).unwrap();
     }
     let v: Vec<f32> = Vec::try_from(p.detach()).unwrap();
-    Tol { rel: 0.0, abs: 1e-6 }.assert_all_close("box", &[v[0] as f64, v[1] as f64], &[0.99, -1.99]);
+    Tol { rel: 0.0, abs: 1e-6 }.assert_all_close(
+        "box",
+        &[v[0] as f64, v[1] as f64],
+        &[0.99, -1.99],
+    );
 }
 
 /// The optimizer equals amend-models' AdamW (itself tested step for step against
@@ -149,7 +164,14 @@ fn adamw_matches_amend_models() {
     use amend_models::config::Gpt2Config;
     use amend_models::train::{AdamW, AdamWConfig, DecayFilter};
     use amend_models::{CausalLm, Gpt2};
-    let cfg = Gpt2Config { vocab_size: 20, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, ..Gpt2Config::default() };
+    let cfg = Gpt2Config {
+        vocab_size: 20,
+        n_positions: 8,
+        n_embd: 8,
+        n_layer: 1,
+        n_head: 2,
+        ..Gpt2Config::default()
+    };
     let a = Gpt2::new_random(cfg.clone(), 3, Kind::Float, Device::Cpu).unwrap();
     let b = Gpt2::new_random(cfg, 3, Kind::Float, Device::Cpu).unwrap();
     let x = Tensor::from_slice(&[1i64, 5, 7, 2]).view([1, 4]);
@@ -161,7 +183,11 @@ fn adamw_matches_amend_models() {
     .unwrap();
     let mut theirs = AdamW::new(
         b.params(),
-        AdamWConfig { weight_decay: 0.01, decay_filter: DecayFilter::All, ..AdamWConfig::default() },
+        AdamWConfig {
+            weight_decay: 0.01,
+            decay_filter: DecayFilter::All,
+            ..AdamWConfig::default()
+        },
     )
     .unwrap();
     for _ in 0..3 {
@@ -198,25 +224,45 @@ fn fixture_losses_and_masks() {
             })
             .collect();
         let refs: Vec<&EditRow> = rows.iter().collect();
-        let opts = |objective, m| BatchOptions { objective, mask: m, pad: 0, eos, side, max_length: None };
+        let opts =
+            |objective, m| BatchOptions { objective, mask: m, pad: 0, eos, side, max_length: None };
         let tensor2 = |v: &Value, kind: Kind| -> Tensor {
             let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone())
                 .or_else(|_| {
-                    serde_json::from_value::<Vec<Vec<bool>>>(v.clone())
-                        .map(|r| r.into_iter().map(|x| x.into_iter().map(i64::from).collect()).collect())
+                    serde_json::from_value::<Vec<Vec<bool>>>(v.clone()).map(|r| {
+                        r.into_iter().map(|x| x.into_iter().map(i64::from).collect()).collect()
+                    })
                 })
                 .unwrap();
             let n = rows.len() as i64;
-            Tensor::from_slice(&rows.into_iter().flatten().collect::<Vec<_>>()).view([n, -1]).to_kind(kind)
+            Tensor::from_slice(&rows.into_iter().flatten().collect::<Vec<_>>())
+                .view([n, -1])
+                .to_kind(kind)
         };
         let what = format!("{side:?} eos {eos:?}");
-        let b = build_batch(&refs, &opts(Objective::Conditional, MaskMode::Position), Device::Cpu).unwrap();
+        let b = build_batch(&refs, &opts(Objective::Conditional, MaskMode::Position), Device::Cpu)
+            .unwrap();
         assert!(b.input_ids.equal(&tensor2(&case["input_ids"], Kind::Int64)), "{what}: ids");
-        assert!(b.attention_mask.equal(&tensor2(&case["attention_mask"], Kind::Int64)), "{what}: mask");
-        assert!(b.target_mask.equal(&tensor2(&case["target_mask"], Kind::Bool)), "{what}: target mask");
-        let v = build_batch(&refs, &opts(Objective::Conditional, MaskMode::ValueMaskCompat), Device::Cpu).unwrap();
-        assert!(v.target_mask.equal(&tensor2(&case["value_mask"], Kind::Bool)), "{what}: value mask");
-        let f = build_batch(&refs, &opts(Objective::Full, MaskMode::Position), Device::Cpu).unwrap();
+        assert!(
+            b.attention_mask.equal(&tensor2(&case["attention_mask"], Kind::Int64)),
+            "{what}: mask"
+        );
+        assert!(
+            b.target_mask.equal(&tensor2(&case["target_mask"], Kind::Bool)),
+            "{what}: target mask"
+        );
+        let v = build_batch(
+            &refs,
+            &opts(Objective::Conditional, MaskMode::ValueMaskCompat),
+            Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            v.target_mask.equal(&tensor2(&case["value_mask"], Kind::Bool)),
+            "{what}: value mask"
+        );
+        let f =
+            build_batch(&refs, &opts(Objective::Full, MaskMode::Position), Device::Cpu).unwrap();
         assert!(f.target_mask.equal(&tensor2(&case["full_mask"], Kind::Bool)), "{what}: full mask");
         let shape: Vec<i64> = serde_json::from_value(case["shape"].clone()).unwrap();
         let logits: Vec<f64> = serde_json::from_value(case["logits"].clone()).unwrap();
@@ -228,21 +274,39 @@ fn fixture_losses_and_masks() {
             (&f.target_mask, TargetReduction::TokenMean, "full_token_mean"),
         ] {
             let got = conditional_nll(&z, &b.input_ids, m, red).unwrap();
-            FIXTURE.assert_all_close(&format!("{what}: {key}"), &[val(&got)], &[case[key].as_f64().unwrap()]);
+            FIXTURE.assert_all_close(
+                &format!("{what}: {key}"),
+                &[val(&got)],
+                &[case[key].as_f64().unwrap()],
+            );
             let got32 = conditional_nll(&z.to_kind(Kind::Float), &b.input_ids, m, red).unwrap();
-            F32.assert_all_close(&format!("{what}: {key} f32"), &[val(&got32)], &[case[key].as_f64().unwrap()]);
+            F32.assert_all_close(
+                &format!("{what}: {key} f32"),
+                &[val(&got32)],
+                &[case[key].as_f64().unwrap()],
+            );
         }
         // prompt_last: the batch gives the last prompt positions; the loss picks those logits.
-        let p = build_batch(&refs, &opts(Objective::PromptLast, MaskMode::Position), Device::Cpu).unwrap();
+        let p = build_batch(&refs, &opts(Objective::PromptLast, MaskMode::Position), Device::Cpu)
+            .unwrap();
         let last: Vec<i64> = serde_json::from_value(case["last_prompt"].clone()).unwrap();
         assert_eq!(Vec::<i64>::try_from(&p.last_prompt).unwrap(), last, "{what}: last prompt");
         let ps: Vec<i64> = serde_json::from_value(case["prompt_shape"].clone()).unwrap();
         let pz: Vec<f64> = serde_json::from_value(case["prompt_logits"].clone()).unwrap();
         let pz = Tensor::from_slice(&pz).view(ps.as_slice());
-        let lastz = pz.gather(1, &p.last_prompt.view([-1, 1, 1]).expand([ps[0], 1, ps[2]], false), false).squeeze_dim(1);
-        for (red, key) in [(TargetReduction::ExampleMean, "prompt_last_example_mean"), (TargetReduction::TokenMean, "prompt_last_token_mean")] {
+        let lastz = pz
+            .gather(1, &p.last_prompt.view([-1, 1, 1]).expand([ps[0], 1, ps[2]], false), false)
+            .squeeze_dim(1);
+        for (red, key) in [
+            (TargetReduction::ExampleMean, "prompt_last_example_mean"),
+            (TargetReduction::TokenMean, "prompt_last_token_mean"),
+        ] {
             let got = prompt_last_nll(&lastz, &p.targets, &p.targets_mask, red).unwrap();
-            FIXTURE.assert_all_close(&format!("{what}: {key}"), &[val(&got)], &[case[key].as_f64().unwrap()]);
+            FIXTURE.assert_all_close(
+                &format!("{what}: {key}"),
+                &[val(&got)],
+                &[case[key].as_f64().unwrap()],
+            );
         }
     }
 }
@@ -251,8 +315,8 @@ fn fixture_losses_and_masks() {
 #[test]
 fn gradients_match_finite_differences() {
     let z0 = Tensor::from_slice(&[
-        0.3f64, -1.2, 0.8, 0.1, 2.0, -0.5, 0.0, 1.1, -0.7, 0.4, 0.9, -0.3, 0.2, 0.6, -1.0, 0.5, 1.5,
-        -0.2, 0.7, 0.0, -0.9, 0.3, 0.8, -0.4,
+        0.3f64, -1.2, 0.8, 0.1, 2.0, -0.5, 0.0, 1.1, -0.7, 0.4, 0.9, -0.3, 0.2, 0.6, -1.0, 0.5,
+        1.5, -0.2, 0.7, 0.0, -0.9, 0.3, 0.8, -0.4,
     ])
     .view([2, 4, 3]);
     let x = Tensor::from_slice(&[0i64, 1, 2, 0, 2, 2, 1, 0]).view([2, 4]);
@@ -279,7 +343,8 @@ fn bad_inputs() {
     let z = b6_logits();
     let x = ids(&[0, 1, 2, 3]);
     // Position 0 cannot be a target.
-    let e = conditional_nll(&z, &x, &mask(&[true, false, true, true]), TargetReduction::TokenMean).unwrap_err();
+    let e = conditional_nll(&z, &x, &mask(&[true, false, true, true]), TargetReduction::TokenMean)
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
     let e = conditional_nll(&z, &x, &mask(&[false, true]), TargetReduction::TokenMean).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
@@ -291,11 +356,29 @@ fn bad_inputs() {
     assert_eq!(zz.grad().abs().sum(Kind::Double).double_value(&[]), 0.0);
     // Rows: empty target, target longer than max_length.
     let row = EditRow { prompt_ids: vec![1], target_ids: vec![], kind: RowKind::Edit, request: 3 };
-    let o = BatchOptions { objective: Objective::Conditional, mask: MaskMode::Position, pad: 0, eos: None, side: PaddingSide::Left, max_length: None };
-    assert!(matches!(build_batch(&[&row], &o, Device::Cpu), Err(Error::InvalidEdit { index: 3, .. })));
-    let long = EditRow { prompt_ids: vec![1, 2, 3], target_ids: vec![4, 5, 6], kind: RowKind::Edit, request: 1 };
+    let o = BatchOptions {
+        objective: Objective::Conditional,
+        mask: MaskMode::Position,
+        pad: 0,
+        eos: None,
+        side: PaddingSide::Left,
+        max_length: None,
+    };
+    assert!(matches!(
+        build_batch(&[&row], &o, Device::Cpu),
+        Err(Error::InvalidEdit { index: 3, .. })
+    ));
+    let long = EditRow {
+        prompt_ids: vec![1, 2, 3],
+        target_ids: vec![4, 5, 6],
+        kind: RowKind::Edit,
+        request: 1,
+    };
     let o2 = BatchOptions { max_length: Some(3), ..o };
-    assert!(matches!(build_batch(&[&long], &o2, Device::Cpu), Err(Error::InvalidEdit { index: 1, .. })));
+    assert!(matches!(
+        build_batch(&[&long], &o2, Device::Cpu),
+        Err(Error::InvalidEdit { index: 1, .. })
+    ));
     // max_length drops prompt tokens from the left.
     let o3 = BatchOptions { max_length: Some(5), ..o };
     let b = build_batch(&[&long], &o3, Device::Cpu).unwrap();

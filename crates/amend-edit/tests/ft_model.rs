@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use amend_edit::Error;
 use amend_edit::ft::{
     Augmentation, EditMode, EditRow, FtOptions, FtRecipe, LocalityFacts, MaskMode, Objective,
-    OptimizerConfig, Paraphrases, ParamSelector, RELEASED_PREFIXES, RowKind, TargetReduction,
+    OptimizerConfig, ParamSelector, Paraphrases, RELEASED_PREFIXES, RowKind, TargetReduction,
     WeightSnapshot, ft_edit, ft_edit_dir, paraphrase_prefixes, train_rows,
 };
 use amend_edit::manifest::{MANIFEST_FILE, Manifest, OutputOptions};
@@ -41,7 +41,9 @@ fn requests() -> Vec<EditRequest> {
             .with_neighbourhood(["The capital of the French republic is"]),
         EditRequest {
             locality: [("facts".to_string(), vec![QaPair::new("The sky is", "blue")])].into(),
-            ..EditRequest::new("{} plays the", "violin").with_subject("Ana").with_target_true("piano")
+            ..EditRequest::new("{} plays the", "violin")
+                .with_subject("Ana")
+                .with_target_true("piano")
         },
     ]
 }
@@ -70,8 +72,16 @@ fn steps_match_torch() {
         model.set_trainable(&|p| params.iter().any(|n| n == p.name())).unwrap();
         let recipe = FtRecipe {
             name: name.into(),
-            objective: if case["objective"] == "prompt_last" { Objective::PromptLast } else { Objective::Conditional },
-            reduction: if case["reduction"] == "token_mean" { TargetReduction::TokenMean } else { TargetReduction::ExampleMean },
+            objective: if case["objective"] == "prompt_last" {
+                Objective::PromptLast
+            } else {
+                Objective::Conditional
+            },
+            reduction: if case["reduction"] == "token_mean" {
+                TargetReduction::TokenMean
+            } else {
+                TargetReduction::ExampleMean
+            },
             mask: MaskMode::Position,
             params: ParamSelector::Names { names: params.clone() },
             optimizer: OptimizerConfig {
@@ -98,7 +108,11 @@ fn steps_match_torch() {
         let log = train_rows(&mut model, &rows, &recipe, &params, None).unwrap();
         assert_eq!(log.steps, recipe.epochs, "{name}");
         let losses: Vec<f64> = serde_json::from_value(case["losses"].clone()).unwrap();
-        Tol { rel: 1e-5, abs: 1e-5 }.assert_all_close(&format!("{name} first loss"), &[log.first_loss], &losses[..1]);
+        Tol { rel: 1e-5, abs: 1e-5 }.assert_all_close(
+            &format!("{name} first loss"),
+            &[log.first_loss],
+            &losses[..1],
+        );
         for (key, want) in case["expected"].as_object().unwrap() {
             let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
             let got = flat(model.params().tensor(key).unwrap());
@@ -127,7 +141,8 @@ fn single_edit_restores_bit_exactly() {
     before.restore(&mut model).unwrap();
     assert!(model.params().tensor(name).unwrap().equal(snap));
 
-    let recipe = FtRecipe::ft_m(ParamSelector::All).with_lr(1e-2).with_epochs(3).with_mode(EditMode::Single);
+    let recipe =
+        FtRecipe::ft_m(ParamSelector::All).with_lr(1e-2).with_epochs(3).with_mode(EditMode::Single);
     let out = ft_edit(&mut model, &requests(), &recipe, &FtOptions::default()).unwrap();
     assert_eq!(out.report.restored_exactly, Some(true));
     assert_eq!(out.report.runs.len(), 2);
@@ -154,11 +169,22 @@ fn batched_and_sequential_modes_edit_the_model() {
         let m = out.metrics.unwrap();
         // Efficacy (probability comparison) reaches 100 on the two edits.
         assert_eq!(m.memit_prob.post.efficacy.unwrap().mean, 100.0, "{mode:?}");
-        assert!(m.easyedit_tokacc.post.rewrite_acc.unwrap() > m.easyedit_tokacc.pre.rewrite_acc.unwrap());
+        assert!(
+            m.easyedit_tokacc.post.rewrite_acc.unwrap()
+                > m.easyedit_tokacc.pre.rewrite_acc.unwrap()
+        );
         // Only the selected parameters changed.
-        let changed: Vec<&str> =
-            out.report.changed.iter().filter(|c| c.frobenius_delta > 0.0).map(|c| c.name.as_str()).collect();
-        assert_eq!(changed, ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias"]);
+        let changed: Vec<&str> = out
+            .report
+            .changed
+            .iter()
+            .filter(|c| c.frobenius_delta > 0.0)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            changed,
+            ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias"]
+        );
         for (n, t) in before.tensors() {
             if !changed.contains(&n.as_str()) {
                 assert!(t.equal(model.params().tensor(n).unwrap()), "{n}");
@@ -208,8 +234,13 @@ fn augmentation_rows_and_prefixes() {
     assert_eq!((d.edits, d.paraphrases, d.locality), (2, 8, 4));
     assert!(out.metrics.is_none());
     // Random locality facts need a pool.
-    let e = ft_edit(&mut model, &requests(), &recipe, &FtOptions { eval: None, ..FtOptions::default() })
-        .unwrap_err();
+    let e = ft_edit(
+        &mut model,
+        &requests(),
+        &recipe,
+        &FtOptions { eval: None, ..FtOptions::default() },
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
 }
 
@@ -217,29 +248,48 @@ fn augmentation_rows_and_prefixes() {
 fn bad_edit_requests_are_typed_errors() {
     let mut model = gpt2();
     let before = WeightSnapshot::capture(&model, None).unwrap();
-    let recipe = FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] }).with_mode(EditMode::Batched);
+    let recipe =
+        FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] }).with_mode(EditMode::Batched);
     let opts = FtOptions::default();
     let mut reqs = requests();
     reqs[1].target_new = "   ".into();
     let e = ft_edit(&mut model, &reqs, &recipe, &opts).unwrap_err();
-    assert!(matches!(&e, Error::InvalidEdit { index: 1, field, .. } if field == "target_new"), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidEdit { index: 1, field, .. } if field == "target_new"),
+        "{e}"
+    );
     let mut reqs = requests();
     reqs[0].target_true = Some("Rome".into());
-    assert!(matches!(ft_edit(&mut model, &reqs, &recipe, &opts), Err(Error::InvalidEdit { index: 0, .. })));
+    assert!(matches!(
+        ft_edit(&mut model, &reqs, &recipe, &opts),
+        Err(Error::InvalidEdit { index: 0, .. })
+    ));
     let mut reqs = requests();
     reqs[0].rephrase.push(String::new());
     let e = ft_edit(&mut model, &reqs, &recipe, &opts).unwrap_err();
-    assert!(matches!(&e, Error::InvalidEdit { index: 0, field, .. } if field == "rephrase[1]"), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidEdit { index: 0, field, .. } if field == "rephrase[1]"),
+        "{e}"
+    );
     let mut reqs = requests();
     reqs[1].target_true = None; // neighbourhood-free request: fine
     reqs[0].target_true = None; // has neighbourhood prompts: needs target_true
-    assert!(matches!(ft_edit(&mut model, &reqs, &recipe, &opts), Err(Error::InvalidEdit { index: 0, .. })));
+    assert!(matches!(
+        ft_edit(&mut model, &reqs, &recipe, &opts),
+        Err(Error::InvalidEdit { index: 0, .. })
+    ));
     assert!(matches!(ft_edit(&mut model, &[], &recipe, &opts), Err(Error::InvalidInput { .. })));
     // Layer out of range; a selector matching nothing.
     let r = recipe.clone().with_params(ParamSelector::MlpOutput { layers: vec![2] });
     assert!(matches!(ft_edit(&mut model, &requests(), &r, &opts), Err(Error::LayerRange { .. })));
-    let r = recipe.clone().with_params(ParamSelector::Modules { template: "mlp.down_proj.{}".into(), layers: vec![0] });
-    assert!(matches!(ft_edit(&mut model, &requests(), &r, &opts), Err(Error::NoTrainableParams { .. })));
+    let r = recipe.clone().with_params(ParamSelector::Modules {
+        template: "mlp.down_proj.{}".into(),
+        layers: vec![0],
+    });
+    assert!(matches!(
+        ft_edit(&mut model, &requests(), &r, &opts),
+        Err(Error::NoTrainableParams { .. })
+    ));
     let r = recipe.clone().with_lr(f64::NAN);
     assert!(matches!(ft_edit(&mut model, &requests(), &r, &opts), Err(Error::InvalidInput { .. })));
     for (n, t) in before.tensors() {
@@ -251,10 +301,16 @@ fn bad_edit_requests_are_typed_errors() {
 fn directory_output_and_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ftm");
-    let recipe = FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] }).with_lr(1e-2).with_epochs(2).with_mode(EditMode::Batched);
+    let recipe = FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] })
+        .with_lr(1e-2)
+        .with_epochs(2)
+        .with_mode(EditMode::Batched);
     let opts = FtOptions { eval: Some(EvalConfig::default()), ..FtOptions::default() };
-    let (outcome, dir) = ft_edit_dir(&gpt2_dir(), &requests(), &recipe, &opts, &out, &OutputOptions::default()).unwrap();
-    let m: Manifest = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
+    let (outcome, dir) =
+        ft_edit_dir(&gpt2_dir(), &requests(), &recipe, &opts, &out, &OutputOptions::default())
+            .unwrap();
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
     assert_eq!(m.method, "finetune");
     assert_eq!(m.edited_keys.len(), 2);
     let ids: Vec<&str> = m.deliberate_differences.iter().map(|d| d.id.as_str()).collect();
@@ -266,7 +322,14 @@ fn directory_output_and_manifest() {
     assert!(outcome.metrics.is_some());
     let single = recipe.with_mode(EditMode::Single);
     assert!(matches!(
-        ft_edit_dir(&gpt2_dir(), &requests(), &single, &opts, &tmp.path().join("x"), &OutputOptions::default()),
+        ft_edit_dir(
+            &gpt2_dir(),
+            &requests(),
+            &single,
+            &opts,
+            &tmp.path().join("x"),
+            &OutputOptions::default()
+        ),
         Err(Error::InvalidInput { .. })
     ));
 }
@@ -274,7 +337,8 @@ fn directory_output_and_manifest() {
 #[test]
 fn bf16_model_is_updated_through_f32_masters() {
     tch::set_num_threads(1);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../amend-models/tests/fixtures/models/gpt2_bf16");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../amend-models/tests/fixtures/models/gpt2_bf16");
     let mut model = load(&dir, &LoadOptions::default().with_kind(Kind::BFloat16)).unwrap();
     let name = "transformer.h.1.mlp.c_proj.weight";
     let before = model.params().tensor(name).unwrap().copy();
@@ -282,7 +346,13 @@ fn bf16_model_is_updated_through_f32_masters() {
         .with_lr(1e-4)
         .with_epochs(5)
         .with_mode(EditMode::Batched);
-    let out = ft_edit(&mut model, &requests(), &recipe, &FtOptions { eval: None, ..FtOptions::default() }).unwrap();
+    let out = ft_edit(
+        &mut model,
+        &requests(),
+        &recipe,
+        &FtOptions { eval: None, ..FtOptions::default() },
+    )
+    .unwrap();
     let after = model.params().tensor(name).unwrap();
     assert_eq!(after.kind(), Kind::BFloat16);
     assert!(!after.equal(&before));

@@ -55,7 +55,11 @@ fn hmean_c7() {
 
 #[test]
 fn easyedit_locality_and_token_accuracy_c7() {
-    SIX.assert_all_close("locality", &[locality_unchanged(&[29, 234, 334], &[29, 234, 333]).unwrap()], &[0.666667]);
+    SIX.assert_all_close(
+        "locality",
+        &[locality_unchanged(&[29, 234, 334], &[29, 234, 333]).unwrap()],
+        &[0.666667],
+    );
     // Unchanged is not correct: two wrong predictions that agree are "local".
     assert_eq!(locality_unchanged(&[7, 7], &[7, 7]).unwrap(), 1.0);
     assert_eq!(token_accuracy(&[7, 7], &[1, 2]).unwrap(), 0.0);
@@ -68,9 +72,16 @@ fn fluency_c7() {
     let w: Vec<&str> = "the cat sat on the mat the cat sat".split(' ').collect();
     SIX.assert_all_close("H2", &[ngram_entropy(&w, 2)], &[2.5]);
     SIX.assert_all_close("H3", &[ngram_entropy(&w, 3)], &[2.521641]);
-    let ge = generation_entropy("the cat sat on the mat the cat sat", WordTokenizer::Whitespace, (2.0 / 3.0, 4.0 / 3.0));
+    let ge = generation_entropy(
+        "the cat sat on the mat the cat sat",
+        WordTokenizer::Whitespace,
+        (2.0 / 3.0, 4.0 / 3.0),
+    );
     SIX.assert_all_close("GE", &[ge], &[2.514427]);
-    assert_eq!(generation_entropy("la la la la la la", WordTokenizer::Whitespace, (2.0 / 3.0, 4.0 / 3.0)), 0.0);
+    assert_eq!(
+        generation_entropy("la la la la la la", WordTokenizer::Whitespace, (2.0 / 3.0, 4.0 / 3.0)),
+        0.0
+    );
     assert_eq!(generation_entropy("", WordTokenizer::Punctuation, (2.0 / 3.0, 4.0 / 3.0)), 0.0);
     assert_eq!(WordTokenizer::Punctuation.words("Hello, world!"), ["Hello", ",", "world", "!"]);
 }
@@ -81,7 +92,8 @@ fn answer_scores_agree_with_amend_models_scoring() {
     let model = load(gpt2_dir(), &LoadOptions::default()).unwrap();
     let items = [("The capital of France is", "Paris"), ("a b c", "d e"), ("x", "yz")];
     let ours = score_answers(&model, &items, 2).unwrap();
-    let spaced: Vec<(String, String)> = items.iter().map(|(p, a)| (p.to_string(), format!(" {a}"))).collect();
+    let spaced: Vec<(String, String)> =
+        items.iter().map(|(p, a)| (p.to_string(), format!(" {a}"))).collect();
     let refs: Vec<(&str, &str)> = spaced.iter().map(|(p, a)| (p.as_str(), a.as_str())).collect();
     let theirs = score_continuations(&model, &refs, &ScoreOptions::default()).unwrap();
     for (a, b) in ours.iter().zip(&theirs) {
@@ -108,7 +120,10 @@ fn evaluation_before_equals_after_for_an_unchanged_model() {
             ..EditRequest::new("a", "b").with_target_true("c")
         },
     ];
-    let cfg = EvalConfig { batch_size: 3, fluency: Some(FluencyConfig { max_new_tokens: 8, ..FluencyConfig::default() }) };
+    let cfg = EvalConfig {
+        batch_size: 3,
+        fluency: Some(FluencyConfig { max_new_tokens: 8, ..FluencyConfig::default() }),
+    };
     let pre = evaluate_requests(&model, &reqs, &cfg).unwrap();
     let post = evaluate_requests(&model, &reqs, &cfg).unwrap();
     let m = summarize(&pre, &post).unwrap();
@@ -120,7 +135,9 @@ fn evaluation_before_equals_after_for_an_unchanged_model() {
     assert_eq!(pre[0].neighbourhood.len(), 2);
     // NS / ES are the exact comparisons of the NLLs.
     let r = pre[0].prob();
-    let es = f64::from(u8::from(pre[0].rewrite.new.mean_nll < pre[0].rewrite.true_.as_ref().unwrap().mean_nll));
+    let es = f64::from(u8::from(
+        pre[0].rewrite.new.mean_nll < pre[0].rewrite.true_.as_ref().unwrap().mean_nll,
+    ));
     F64.assert_all_close("ES", &[r.es.unwrap()], &[es]);
     assert!(summarize(&pre, &post[..1]).is_err());
 }
@@ -189,7 +206,9 @@ fn fact_task_structure() {
     let sup = a.most_common_object(0);
     let pairs = a.preference_pairs(0, sup);
     assert!(pairs.len() >= 4 * 40);
-    assert!(pairs.iter().all(|p| p.dispreferred.ends_with(&format!(" {}.", RELATIONS[0].objects[sup]))));
+    assert!(
+        pairs.iter().all(|p| p.dispreferred.ends_with(&format!(" {}.", RELATIONS[0].objects[sup])))
+    );
     assert!(FactTask::new(&FactTaskConfig { n_relations: 9, ..cfg.clone() }).is_err());
     assert!(FactTask::new(&FactTaskConfig { n_edits: 100, ..cfg }).is_err());
 }
@@ -204,14 +223,23 @@ fn fact_task_model_learns_the_facts_and_can_be_edited() {
     use amend_edit::tasks::default_cache_dir;
     use amend_models::recipe::RunOptions;
     let task = FactTask::new(&FactTaskConfig::default()).unwrap();
-    let (model, _, _) = task.model(&FactTask::recipe(), &default_cache_dir(), &RunOptions::default()).unwrap();
+    let (model, _, _) =
+        task.model(&FactTask::recipe(), &default_cache_dir(), &RunOptions::default()).unwrap();
     let stats = task.answer_stats(&model, None, 64).unwrap();
     for (rel, acc) in &stats.accuracy {
         assert!(*acc > 0.9, "{rel}: {acc}");
     }
     let mut m = model.try_clone().unwrap();
-    let recipe = FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] }).with_lr(5e-3).with_mode(EditMode::Batched);
-    let out = ft_edit(&mut m, &task.edits, &recipe, &FtOptions { locality_pool: task.locality_pool.clone(), ..FtOptions::default() }).unwrap();
+    let recipe = FtRecipe::ft_m(ParamSelector::MlpOutput { layers: vec![1] })
+        .with_lr(5e-3)
+        .with_mode(EditMode::Batched);
+    let out = ft_edit(
+        &mut m,
+        &task.edits,
+        &recipe,
+        &FtOptions { locality_pool: task.locality_pool.clone(), ..FtOptions::default() },
+    )
+    .unwrap();
     let p = out.metrics.unwrap().memit_prob;
     assert!(p.pre.efficacy.unwrap().mean < 10.0);
     assert!(p.post.efficacy.unwrap().mean > 90.0);

@@ -4,7 +4,7 @@
 use amend_edit::Error;
 use amend_edit::profs::{
     BasisOptions, Centering, Pooling, RankPolicy, Side, SvdDtype, TargetDims, WeightLayout,
-    apply_projection, check_layer_range, pool_hidden, profs_basis, profs_bases, profs_defaults,
+    apply_projection, check_layer_range, pool_hidden, profs_bases, profs_basis, profs_defaults,
     projected, resolve_targets,
 };
 use amend_testing::{F32, Tol, load_json_fixture};
@@ -81,7 +81,11 @@ fn a11_centering_none_k1() {
         Centering::None,
         1,
         &[2.157388, 0.325666, 0.211232],
-        &[&[0.846347, -0.245887, 0.263786], &[-0.245887, 0.071437, -0.076637], &[0.263786, -0.076637, 0.082216]],
+        &[
+            &[0.846347, -0.245887, 0.263786],
+            &[-0.245887, 0.071437, -0.076637],
+            &[0.263786, -0.076637, 0.082216],
+        ],
         &[&[-0.145933, 2.332924, 2.64284], &[0.261326, 6.086185, 4.834745]],
     );
 }
@@ -92,7 +96,11 @@ fn a11_centering_none_k2() {
         Centering::None,
         2,
         &[2.157388, 0.325666, 0.211232],
-        &[&[0.870267, -0.311562, 0.125823], &[-0.311562, 0.251764, 0.302172], &[0.125823, 0.302172, 0.877969]],
+        &[
+            &[0.870267, -0.311562, 0.125823],
+            &[-0.311562, 0.251764, 0.302172],
+            &[0.125823, 0.302172, 0.877969],
+        ],
         &[&[0.375388, 0.901517, -0.364074], &[1.321805, 3.174395, -1.281967]],
     );
 }
@@ -103,7 +111,11 @@ fn a11_top_singular_k1() {
         Centering::TopSingularOfPreferred,
         1,
         &[1.817683, 0.265895, 0.0],
-        &[&[0.504365, -0.499956, -0.004963], &[-0.499956, 0.495586, 0.00492], &[-0.004963, 0.00492, 0.000049]],
+        &[
+            &[0.504365, -0.499956, -0.004963],
+            &[-0.499956, 0.495586, 0.00492],
+            &[-0.004963, 0.00492, 0.000049],
+        ],
         &[&[1.510438, 1.494023, 2.994977], &[4.512103, 4.492373, 5.99496]],
     );
 }
@@ -114,17 +126,26 @@ fn a11_top_singular_k2() {
         Centering::TopSingularOfPreferred,
         2,
         &[1.817683, 0.265895, 0.0],
-        &[&[0.64143, -0.35857, -0.318473], &[-0.35857, 0.64143, -0.318473], &[-0.318473, -0.318473, 0.717141]],
+        &[
+            &[0.64143, -0.35857, -0.318473],
+            &[-0.35857, 0.64143, -0.318473],
+            &[-0.318473, -0.318473, 0.717141],
+        ],
         &[&[2.03113, 2.03113, 1.803997], &[5.13797, 5.13797, 4.563412]],
     );
 }
 
 #[test]
 fn a11_top_singular_k3_is_identity_with_warnings_and_clamp() {
-    let b = profs_basis(&xp(), &xn(), 0, &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64))
-        .unwrap();
+    let b =
+        profs_basis(&xp(), &xn(), 0, &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64))
+            .unwrap();
     let p = b.projector().unwrap().unwrap();
-    F64_VEC.assert_all_close("P = I", &flat(&p), &flat(&Tensor::eye(3, (Kind::Double, tch::Device::Cpu))));
+    F64_VEC.assert_all_close(
+        "P = I",
+        &flat(&p),
+        &flat(&Tensor::eye(3, (Kind::Double, tch::Device::Cpu))),
+    );
     let conv = projected(&w_conv(), b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output)
         .unwrap();
     F64_VEC.assert_all_close("W(I-P) = 0", &flat(&conv), &[0.0; 6]);
@@ -138,7 +159,8 @@ fn a11_top_singular_k3_is_identity_with_warnings_and_clamp() {
         &xp(),
         &xn(),
         4,
-        &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64).with_rank_policy(RankPolicy::Clamp),
+        &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64)
+            .with_rank_policy(RankPolicy::Clamp),
     )
     .unwrap();
     assert_eq!(c.k_eff, 2);
@@ -146,7 +168,8 @@ fn a11_top_singular_k3_is_identity_with_warnings_and_clamp() {
         &xp(),
         &xn(),
         4,
-        &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64).with_rank_policy(RankPolicy::Error),
+        &opts(3, Centering::TopSingularOfPreferred, SvdDtype::F64)
+            .with_rank_policy(RankPolicy::Error),
     )
     .unwrap_err();
     assert!(matches!(e, Error::RankDeficient { layer: 4, k: 3, r_eff: 2, .. }), "{e}");
@@ -156,15 +179,19 @@ fn a11_top_singular_k3_is_identity_with_warnings_and_clamp() {
 fn a11_rank_too_large() {
     for k in [4, 5] {
         let e = profs_basis(&xp(), &xn(), 0, &BasisOptions::new(k)).unwrap_err();
-        assert!(matches!(e, Error::RankTooLarge { k: kk, n_pairs: 4, hidden: 3 } if kk == k), "{e}");
+        assert!(
+            matches!(e, Error::RankTooLarge { k: kk, n_pairs: 4, hidden: 3 } if kk == k),
+            "{e}"
+        );
     }
     assert!(matches!(profs_basis(&xp(), &xn(), 0, &BasisOptions::new(0)), Err(Error::ZeroRank)));
 }
 
 #[test]
 fn a11_mlp_output_has_no_toxic_component() {
-    let b = profs_basis(&xp(), &xn(), 0, &opts(1, Centering::TopSingularOfPreferred, SvdDtype::F64))
-        .unwrap();
+    let b =
+        profs_basis(&xp(), &xn(), 0, &opts(1, Centering::TopSingularOfPreferred, SvdDtype::F64))
+            .unwrap();
     let w = projected(&w_conv(), b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output)
         .unwrap();
     let h = Tensor::from_slice(&[1.0f64, -1.0]).view([1, 2]);
@@ -181,14 +208,22 @@ fn a11_mean_centering() {
         Centering::Mean,
         1,
         &[1.817752, 0.265083, 0.0],
-        &[&[0.506447, -0.499906, -0.007268], &[-0.499906, 0.493448, 0.007175], &[-0.007268, 0.007175, 0.000104]],
+        &[
+            &[0.506447, -0.499906, -0.007268],
+            &[-0.499906, 0.493448, 0.007175],
+            &[-0.007268, 0.007175, 0.000104],
+        ],
         &[&[1.515169, 1.491485, 2.992606], &[4.51735, 4.489333, 5.992575]],
     );
     check_a11(
         Centering::Mean,
         2,
         &[1.817752, 0.265083, 0.0],
-        &[&[0.644128, -0.355872, -0.320285], &[-0.355872, 0.644128, -0.320285], &[-0.320285, -0.320285, 0.711744]],
+        &[
+            &[0.644128, -0.355872, -0.320285],
+            &[-0.355872, 0.644128, -0.320285],
+            &[-0.320285, -0.320285, 0.711744],
+        ],
         &[&[2.02847, 2.02847, 1.825623], &[5.124555, 5.124555, 4.6121]],
     );
     let b = profs_basis(&xp(), &xn(), 0, &opts(1, Centering::Mean, SvdDtype::F64)).unwrap();
@@ -212,8 +247,13 @@ fn a11_matches_numpy_fixture() {
         let b = profs_basis(&xp, &xn, 0, &opts(k, c, SvdDtype::F64)).unwrap();
         let p = b.projector().unwrap().unwrap();
         F64_VEC.assert_all_close("P", &flat(&p), &flat(&mat(&case["projector"])));
-        let w = projected(&mat(&fx["w_conv"]), b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output)
-            .unwrap();
+        let w = projected(
+            &mat(&fx["w_conv"]),
+            b.basis.as_ref().unwrap(),
+            WeightLayout::Conv1D,
+            Side::Output,
+        )
+        .unwrap();
         F64_VEC.assert_all_close("W(I-P)", &flat(&w), &flat(&mat(&case["w_conv_edited"])));
     }
 }
@@ -231,17 +271,32 @@ fn random_cases_match_numpy_in_both_layouts() {
         };
         let k = case["k"].as_u64().unwrap() as usize;
         let (xp, xn, w) = (mat(&case["x_pos"]), mat(&case["x_neg"]), mat(&case["w_conv"]));
-        for (dtype, tol) in [(SvdDtype::F64, F64_VEC), (SvdDtype::F32, Tol { rel: 1e-3, abs: 1e-3 })] {
-            let b = profs_basis(&xp.to_kind(dtype.kind()), &xn.to_kind(dtype.kind()), 0, &opts(k, c, dtype))
-                .unwrap();
-            tol.assert_all_close("sigma", &b.singular_values, &serde_json::from_value::<Vec<f64>>(case["sigma"].clone()).unwrap());
+        for (dtype, tol) in
+            [(SvdDtype::F64, F64_VEC), (SvdDtype::F32, Tol { rel: 1e-3, abs: 1e-3 })]
+        {
+            let b = profs_basis(
+                &xp.to_kind(dtype.kind()),
+                &xn.to_kind(dtype.kind()),
+                0,
+                &opts(k, c, dtype),
+            )
+            .unwrap();
+            tol.assert_all_close(
+                "sigma",
+                &b.singular_values,
+                &serde_json::from_value::<Vec<f64>>(case["sigma"].clone()).unwrap(),
+            );
             let basis = b.basis.as_ref().unwrap();
             let p = b.projector().unwrap().unwrap();
             tol.assert_all_close("P", &flat(&p), &flat(&mat(&case["projector"])));
-            let conv = projected(&w.to_kind(dtype.kind()), basis, WeightLayout::Conv1D, Side::Output).unwrap();
+            let conv =
+                projected(&w.to_kind(dtype.kind()), basis, WeightLayout::Conv1D, Side::Output)
+                    .unwrap();
             tol.assert_all_close("conv", &flat(&conv), &flat(&mat(&case["w_conv_edited"])));
             // d_ff = D is ambiguous by shape: the layout decides, never the shape.
-            let lin = projected(&w.tr().to_kind(dtype.kind()), basis, WeightLayout::Linear, Side::Output).unwrap();
+            let lin =
+                projected(&w.tr().to_kind(dtype.kind()), basis, WeightLayout::Linear, Side::Output)
+                    .unwrap();
             tol.assert_all_close("linear", &flat(&lin), &flat(&mat(&case["w_lin_edited"])));
         }
     }
@@ -254,12 +309,18 @@ fn mismatched_pairs_and_shapes_are_errors() {
     let e = profs_basis(&a, &b, 0, &BasisOptions::new(1)).unwrap_err();
     assert!(matches!(e, Error::PairCountMismatch { preferred: 4, dispreferred: 5, .. }), "{e}");
     let c = Tensor::zeros([4, 2], (Kind::Float, tch::Device::Cpu));
-    assert!(matches!(profs_basis(&a, &c, 0, &BasisOptions::new(1)), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        profs_basis(&a, &c, 0, &BasisOptions::new(1)),
+        Err(Error::ShapeMismatch { .. })
+    ));
     let e = profs_bases(&[a.shallow_clone()], &[], &[0], &BasisOptions::new(1)).unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
     let nan = Tensor::from_slice(&[f32::NAN, 0., 0., 1.]).view([2, 2]);
     let ok = Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu));
-    assert!(matches!(profs_basis(&nan, &ok, 0, &BasisOptions::new(1)), Err(Error::InvalidInput { .. })));
+    assert!(matches!(
+        profs_basis(&nan, &ok, 0, &BasisOptions::new(1)),
+        Err(Error::InvalidInput { .. })
+    ));
 }
 
 #[test]
@@ -284,8 +345,14 @@ fn projection_shape_errors() {
     let v = Tensor::eye(3, (Kind::Float, tch::Device::Cpu)).narrow(1, 0, 1);
     let w = Tensor::zeros([2, 4], (Kind::Float, tch::Device::Cpu));
     // Conv1D output side needs dim 1 = D = 3.
-    assert!(matches!(projected(&w, &v, WeightLayout::Conv1D, Side::Output), Err(Error::ShapeMismatch { .. })));
-    assert!(matches!(projected(&w, &v, WeightLayout::Linear, Side::Output), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        projected(&w, &v, WeightLayout::Conv1D, Side::Output),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        projected(&w, &v, WeightLayout::Linear, Side::Output),
+        Err(Error::ShapeMismatch { .. })
+    ));
 }
 
 #[test]
@@ -306,13 +373,15 @@ fn key_edit_formulas_per_layout() {
 
 #[test]
 fn apply_projection_casts_once_to_bf16() {
-    let b = profs_basis(&xp(), &xn(), 0, &opts(1, Centering::TopSingularOfPreferred, SvdDtype::F32))
-        .unwrap();
+    let b =
+        profs_basis(&xp(), &xn(), 0, &opts(1, Centering::TopSingularOfPreferred, SvdDtype::F32))
+            .unwrap();
     let mut w = w_conv().to_kind(Kind::BFloat16);
     let expected = projected(&w, b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output)
         .unwrap()
         .to_kind(Kind::BFloat16);
-    apply_projection(&mut w, b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output).unwrap();
+    apply_projection(&mut w, b.basis.as_ref().unwrap(), WeightLayout::Conv1D, Side::Output)
+        .unwrap();
     assert_eq!(w.kind(), Kind::BFloat16);
     assert!(w.equal(&expected));
 }
@@ -332,7 +401,8 @@ fn targets_per_family_and_no_match_rule() {
     };
     let t = resolve_targets("opt", &opt_shape, dims, &(10..32), true, false, false).unwrap();
     let names: Vec<String> = t.iter().map(|x| x.name.clone()).collect();
-    let expected: Vec<String> = (10..32).map(|l| format!("model.decoder.layers.{l}.fc2.weight")).collect();
+    let expected: Vec<String> =
+        (10..32).map(|l| format!("model.decoder.layers.{l}.fc2.weight")).collect();
     assert_eq!(names, expected);
     assert!(t.iter().all(|x| x.layout == WeightLayout::Linear && x.side == Side::Output));
     // Keys too (GPT-J): fc_in is edited on the input side.
@@ -352,9 +422,13 @@ fn targets_per_family_and_no_match_rule() {
     assert_eq!(t[1].side, Side::Input);
     // Unknown family.
     let e = resolve_targets("bert", &opt_shape, dims, &(0..2), true, false, false).unwrap_err();
-    assert!(matches!(&e, Error::NoMatchingTarget { model_type, layer: None, .. } if model_type == "bert"), "{e}");
+    assert!(
+        matches!(&e, Error::NoMatchingTarget { model_type, layer: None, .. } if model_type == "bert"),
+        "{e}"
+    );
     // A missing key in one layer: error naming it, nothing returned.
-    let holey = |k: &str| (k != "model.decoder.layers.12.fc2.weight").then(|| opt_shape(k)).flatten();
+    let holey =
+        |k: &str| (k != "model.decoder.layers.12.fc2.weight").then(|| opt_shape(k)).flatten();
     let e = resolve_targets("opt", &holey, dims, &(10..32), true, false, false).unwrap_err();
     assert!(matches!(&e, Error::NoMatchingTarget { layer: Some(12), .. }), "{e}");
     assert!(e.to_string().contains("model.decoder.layers.12.fc2.weight"));
@@ -382,7 +456,10 @@ fn reference_defaults_only_for_reference_shapes() {
 
 fn arb_case() -> impl Strategy<Value = (usize, usize, usize, Vec<f64>, Vec<f64>, Vec<f64>)> {
     (2usize..9, 2usize..7, 1usize..6).prop_flat_map(|(n, d, f)| {
-        let v = |len| proptest::collection::vec(-10i32..=10, len).prop_map(|x| x.into_iter().map(f64::from).collect::<Vec<f64>>());
+        let v = |len| {
+            proptest::collection::vec(-10i32..=10, len)
+                .prop_map(|x| x.into_iter().map(f64::from).collect::<Vec<f64>>())
+        };
         (Just(n), Just(d), Just(f), v(n * d), v(n * d), v(f * d))
     })
 }

@@ -16,7 +16,9 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../amend-models/tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../amend-models/tests/fixtures/models")
+        .join(name)
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {
@@ -66,9 +68,8 @@ fn gpt2_and_llama_match_transformers() {
                 &vec2(&lo["x_pos"]),
             );
         }
-        let cfg = ProfsConfig::default()
-            .with_layers(layers[0]..layers[layers.len() - 1] + 1)
-            .with_k(k);
+        let cfg =
+            ProfsConfig::default().with_layers(layers[0]..layers[layers.len() - 1] + 1).with_k(k);
         let report = profs_edit(&mut model, &pairs_of(f), &cfg).unwrap();
         assert_eq!(report.pairs_used, 6);
         assert_eq!(report.changed.len(), layers.len());
@@ -104,7 +105,8 @@ fn deterministic_and_writes_a_loadable_directory_with_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ProfsConfig::default().with_layers(0..2).with_k(2);
     let out = tmp.path().join("edited");
-    let (report, written) = profs_edit_dir(&dir, &pairs, &cfg, &out, &OutputOptions::default()).unwrap();
+    let (report, written) =
+        profs_edit_dir(&dir, &pairs, &cfg, &out, &OutputOptions::default()).unwrap();
     assert_eq!(written, out);
     // Same edit in memory: identical weights (deterministic).
     let mut m = load(&dir, &LoadOptions::default()).unwrap();
@@ -116,10 +118,13 @@ fn deterministic_and_writes_a_loadable_directory_with_manifest() {
     let manifest: Manifest =
         serde_json::from_slice(&std::fs::read(out.join(MANIFEST_FILE)).unwrap()).unwrap();
     assert_eq!(manifest.method, "profs");
-    assert_eq!(manifest.edited_keys, vec![
-        "transformer.h.0.mlp.c_proj.weight".to_string(),
-        "transformer.h.1.mlp.c_proj.weight".to_string()
-    ]);
+    assert_eq!(
+        manifest.edited_keys,
+        vec![
+            "transformer.h.0.mlp.c_proj.weight".to_string(),
+            "transformer.h.1.mlp.c_proj.weight".to_string()
+        ]
+    );
     assert_eq!(manifest.input_weights_sha256.len(), 1);
     assert!(manifest.input_weights_sha256["model.safetensors"].len() == 64);
     let ids: Vec<&str> = manifest.deliberate_differences.iter().map(|d| d.id.as_str()).collect();
@@ -143,13 +148,18 @@ fn llama_bf16_edits_are_cast_once() {
     profs_edit_dir(&fixture_dir("llama_bf16"), &pairs, &cfg, &out, &OutputOptions::default())
         .unwrap();
     let m = load(&out, &LoadOptions::default().with_kind(Kind::BFloat16)).unwrap();
-    assert_eq!(m.params().tensor("model.layers.1.mlp.down_proj.weight").unwrap().kind(), Kind::BFloat16);
-    let orig = load(fixture_dir("llama_bf16"), &LoadOptions::default().with_kind(Kind::BFloat16)).unwrap();
-    assert!(orig
-        .params()
-        .tensor("model.layers.0.mlp.down_proj.weight")
-        .unwrap()
-        .equal(m.params().tensor("model.layers.0.mlp.down_proj.weight").unwrap()));
+    assert_eq!(
+        m.params().tensor("model.layers.1.mlp.down_proj.weight").unwrap().kind(),
+        Kind::BFloat16
+    );
+    let orig =
+        load(fixture_dir("llama_bf16"), &LoadOptions::default().with_kind(Kind::BFloat16)).unwrap();
+    assert!(
+        orig.params()
+            .tensor("model.layers.0.mlp.down_proj.weight")
+            .unwrap()
+            .equal(m.params().tensor("model.layers.0.mlp.down_proj.weight").unwrap())
+    );
 }
 
 #[test]
@@ -185,8 +195,11 @@ fn pair_sampling() {
     assert_eq!(a, sample_pair_indices(20, &cfg).unwrap(), "seeded");
     let all = sample_pair_indices(3, &cfg).unwrap();
     assert_eq!(all.preferred, vec![0, 1, 2]);
-    let ind = sample_pair_indices(20, &ProfsConfig { pairing: Pairing::IndependentCompat, ..cfg.clone() })
-        .unwrap();
+    let ind = sample_pair_indices(
+        20,
+        &ProfsConfig { pairing: Pairing::IndependentCompat, ..cfg.clone() },
+    )
+    .unwrap();
     assert_ne!(ind.preferred, ind.dispreferred);
     let pinned = ProfsConfig { indices: Some(vec![4, 2]), ..cfg.clone() };
     assert_eq!(sample_pair_indices(20, &pinned).unwrap().preferred, vec![4, 2]);
@@ -204,6 +217,8 @@ fn pairs3() -> Vec<PreferencePair> {
     ]
 }
 
+type Check = Box<dyn Fn(&Error) -> bool>;
+
 /// Bad input: a typed error naming the item, and the model untouched.
 #[test]
 fn bad_input_is_a_typed_error_and_changes_nothing() {
@@ -211,7 +226,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     let mut model = load(fixture_dir("gpt2"), &LoadOptions::default()).unwrap();
     let before = snapshot(&model);
     let ok = ProfsConfig::default().with_layers(0..2).with_k(1);
-    let cases: Vec<(Vec<PreferencePair>, ProfsConfig, Box<dyn Fn(&Error) -> bool>)> = vec![
+    let cases: Vec<(Vec<PreferencePair>, ProfsConfig, Check)> = vec![
         (
             {
                 let mut p = pairs3();
@@ -292,7 +307,7 @@ fn models_without_tokenizer_or_rank_above_hidden() {
     assert!(matches!(e, Error::Model(amend_models::Error::NoTokenizer { .. })), "{e}");
     // k above the hidden size (8) with enough pairs.
     let many = vec![PreferencePair::new("x", "y"); 10];
-    let e = profs_edit(&mut m, &many, &ProfsConfig::default().with_layers(0..1).with_k(9))
-        .unwrap_err();
+    let e =
+        profs_edit(&mut m, &many, &ProfsConfig::default().with_layers(0..1).with_k(9)).unwrap_err();
     assert!(matches!(e, Error::RankTooLarge { k: 9, n_pairs: 10, hidden: 8 }), "{e}");
 }

@@ -101,7 +101,11 @@ impl Default for Augmentation {
 impl Augmentation {
     /// No augmentation: the edits only (E).
     pub fn none() -> Self {
-        Augmentation { paraphrases: Paraphrases::None, locality: LocalityFacts::None, locality_words: 35 }
+        Augmentation {
+            paraphrases: Paraphrases::None,
+            locality: LocalityFacts::None,
+            locality_words: 35,
+        }
     }
 
     /// Single-edit preset: the first 10 released prefixes and 15 random locality facts.
@@ -163,7 +167,11 @@ impl Augmentation {
                     ));
                 }
                 if *top_k == 0 || groups.iter().any(|g| g.1 == 0) {
-                    return Err(Error::invalid(OP, "paraphrases", "top_k and lengths must be positive"));
+                    return Err(Error::invalid(
+                        OP,
+                        "paraphrases",
+                        "top_k and lengths must be positive",
+                    ));
                 }
             }
             _ => {}
@@ -179,7 +187,10 @@ impl Augmentation {
 ///
 /// # Errors
 /// [`Error::Model`] (generation, tokenizer) for `Generated`.
-pub fn paraphrase_prefixes<M: CausalLm + ?Sized>(model: &M, p: &Paraphrases) -> Result<Vec<String>> {
+pub fn paraphrase_prefixes<M: CausalLm + ?Sized>(
+    model: &M,
+    p: &Paraphrases,
+) -> Result<Vec<String>> {
     match p {
         Paraphrases::None => Ok(vec![]),
         Paraphrases::Released { count } => {

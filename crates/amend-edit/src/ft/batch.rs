@@ -109,7 +109,10 @@ pub fn build_batch(rows: &[&EditRow], opts: &BatchOptions, device: Device) -> Re
                 return Err(Error::InvalidEdit {
                     index: r.request,
                     field: "target_new".into(),
-                    reason: format!("target of {} tokens leaves no room for the prompt in max_length {max}", r.target_ids.len()),
+                    reason: format!(
+                        "target of {} tokens leaves no room for the prompt in max_length {max}",
+                        r.target_ids.len()
+                    ),
                 });
             }
             let keep = (max - extra).min(prompt.len());
@@ -152,7 +155,9 @@ pub fn build_batch(rows: &[&EditRow], opts: &BatchOptions, device: Device) -> Re
             target_mask: Tensor::f_zeros([0], (Kind::Bool, device))?,
             last_prompt: Tensor::f_from_slice(&last)?.f_to_device(device)?,
             targets: to(&tg, [b as i64, l as i64])?,
-            targets_mask: Tensor::f_from_slice(&tm)?.f_view([b as i64, l as i64])?.f_to_device(device)?,
+            targets_mask: Tensor::f_from_slice(&tm)?
+                .f_view([b as i64, l as i64])?
+                .f_to_device(device)?,
             target_tokens,
         });
     }

@@ -22,7 +22,9 @@ use super::recipe::{EditMode, FtRecipe, MaskMode};
 use crate::manifest::{
     Manifest, OutputOptions, hash_weight_files, to_json_value, write_edited_model,
 };
-use crate::metrics::{EditMetrics, EvalConfig, ProbRecord, RecordEval, evaluate_requests, record_locality, summarize};
+use crate::metrics::{
+    EditMetrics, EvalConfig, ProbRecord, RecordEval, evaluate_requests, record_locality, summarize,
+};
 use crate::profs::TensorChange;
 use crate::report::{DeliberateDifference, EditWarning, diff};
 use crate::request::{EditRequest, QaPair, answer_ids, validate_requests};
@@ -370,7 +372,12 @@ pub fn train_rows<M: CausalLm + ?Sized>(
         .iter()
         .map(|n| Ok((n.clone(), model.params().tensor(n)?.shallow_clone())))
         .collect::<Result<_>>()?;
-    let start = WeightSnapshot { tensors: params.iter().map(|(n, t)| Ok((n.clone(), deep_copy(t)?))).collect::<Result<_>>()? };
+    let start = WeightSnapshot {
+        tensors: params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), deep_copy(t)?)))
+            .collect::<Result<_>>()?,
+    };
     let mut opt = EditOptimizer::new(params, recipe.optimizer.clone(), recipe.norm_box)?;
     let tok = model.tokenizer().ok_or(amend_models::Error::NoTokenizer { op: OP })?;
     let eos = if recipe.append_eos {
@@ -430,7 +437,12 @@ pub fn train_rows<M: CausalLm + ?Sized>(
                 if let Some(max) = recipe.max_grad_norm {
                     let norm = opt.grad_norm()?;
                     if !norm.is_finite() {
-                        return Err(Error::NonFinite { op: OP, what: "grad_norm", step: steps, value: norm });
+                        return Err(Error::NonFinite {
+                            op: OP,
+                            what: "grad_norm",
+                            step: steps,
+                            value: norm,
+                        });
                     }
                     if norm > max {
                         opt.scale_grads(max / (norm + 1e-6))?;
@@ -582,7 +594,11 @@ pub fn ft_edit<M: CausalLm + ?Sized>(
                 .zip(post)
                 .enumerate()
                 .map(|(i, (a, b))| {
-                    Ok(RecordMetrics { index: i, pre: numbers(a, None)?, post: numbers(b, Some(a))? })
+                    Ok(RecordMetrics {
+                        index: i,
+                        pre: numbers(a, None)?,
+                        post: numbers(b, Some(a))?,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             (Some(m), recs)
@@ -661,7 +677,8 @@ fn run<M: CausalLm + ?Sized>(
     let mut posts: Vec<RecordEval> = Vec::new();
     let mut restored = None;
     for g in &groups {
-        let rows = training_rows(&*model, requests, g, recipe, &prefixes, &opts.locality_pool, &mut rng)?;
+        let rows =
+            training_rows(&*model, requests, g, recipe, &prefixes, &opts.locality_pool, &mut rng)?;
         let log = train_rows(model, &rows, recipe, trained, pb.as_ref());
         if recipe.mode == EditMode::Single {
             let log = match log {
@@ -717,7 +734,12 @@ pub fn ft_manifest(outcome: &FtOutcome, input_dir: Option<&Path>) -> Result<Mani
             None => Default::default(),
         },
         config: to_json_value("recipe", &r.recipe)?,
-        edited_keys: r.changed.iter().filter(|c| c.frobenius_delta > 0.0).map(|c| c.name.clone()).collect(),
+        edited_keys: r
+            .changed
+            .iter()
+            .filter(|c| c.frobenius_delta > 0.0)
+            .map(|c| c.name.clone())
+            .collect(),
         warnings: r.warnings.clone(),
         deliberate_differences: r.deliberate_differences.clone(),
         report: to_json_value("report", r)?,

@@ -90,7 +90,12 @@ pub fn conditional_nll(
     let is = input_ids.size();
     let ms = target_mask.size();
     if ls.len() != 3 || is.len() != 2 || ls[..2] != is[..] {
-        return Err(Error::ShapeMismatch { op: OP, name: "logits", expected: vec![is.first().copied().unwrap_or(-1), is.get(1).copied().unwrap_or(-1), -1], got: ls });
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "logits",
+            expected: vec![is.first().copied().unwrap_or(-1), is.get(1).copied().unwrap_or(-1), -1],
+            got: ls,
+        });
     }
     if ms != is {
         return Err(Error::ShapeMismatch { op: OP, name: "target_mask", expected: is, got: ms });
@@ -159,7 +164,12 @@ pub fn prompt_last_nll(
         });
     }
     if targets_mask.size() != ts {
-        return Err(Error::ShapeMismatch { op: OP, name: "targets_mask", expected: ts, got: targets_mask.size() });
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "targets_mask",
+            expected: ts,
+            got: targets_mask.size(),
+        });
     }
     // The same row of logits for every target position: [B, L, V] (a broadcast view).
     let z = last_logits.f_unsqueeze(1)?.f_expand([ls[0], ts[1], ls[1]], false)?;
@@ -181,15 +191,20 @@ pub fn batch_loss<M: CausalLm + ?Sized>(
     reduction: TargetReduction,
 ) -> Result<Tensor> {
     let logits = model
-        .forward_with(&batch.input_ids, Some(&batch.attention_mask), None, ForwardOptions::logits())?
+        .forward_with(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            None,
+            ForwardOptions::logits(),
+        )?
         .logits
         .ok_or_else(|| Error::invalid("batch_loss", "model", "adapter returned no logits"))?;
     match objective {
         Objective::PromptLast => {
-            let idx = batch.last_prompt.f_view([-1, 1, 1])?.f_expand(
-                [logits.size()[0], 1, logits.size()[2]],
-                false,
-            )?;
+            let idx = batch
+                .last_prompt
+                .f_view([-1, 1, 1])?
+                .f_expand([logits.size()[0], 1, logits.size()[2]], false)?;
             let last = logits.f_gather(1, &idx, false)?.f_squeeze_dim(1)?;
             prompt_last_nll(&last, &batch.targets, &batch.targets_mask, reduction)
         }

@@ -36,7 +36,9 @@ mod loss;
 mod optim;
 mod recipe;
 
-pub use augment::{Augmentation, LocalityFacts, Paraphrases, RELEASED_PREFIXES, paraphrase_prefixes};
+pub use augment::{
+    Augmentation, LocalityFacts, Paraphrases, RELEASED_PREFIXES, paraphrase_prefixes,
+};
 pub use batch::{BatchOptions, EditRow, RowKind, TrainBatch, build_batch};
 pub use editor::{
     DataCounts, FtOptions, FtOutcome, FtReport, RecordMetrics, RecordNumbers, RunLog,

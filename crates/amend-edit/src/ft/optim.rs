@@ -56,7 +56,11 @@ impl EditOptimizer {
         let mut state = Vec::with_capacity(params.len());
         for (name, p) in &params {
             if !p.f_is_floating_point()? {
-                return Err(Error::invalid("EditOptimizer::new", name.clone(), "not a floating tensor"));
+                return Err(Error::invalid(
+                    "EditOptimizer::new",
+                    name.clone(),
+                    "not a floating tensor",
+                ));
             }
             let low = !matches!(p.f_kind()?, Kind::Float | Kind::Double);
             let master = if low { Some(p.f_detach()?.f_to_kind(Kind::Float)?) } else { None };

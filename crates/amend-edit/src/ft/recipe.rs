@@ -102,7 +102,9 @@ impl std::fmt::Display for ParamSelector {
         match self {
             ParamSelector::All => write!(f, "all"),
             ParamSelector::MlpOutput { layers } => write!(f, "mlp_output{layers:?}"),
-            ParamSelector::Modules { template, layers } => write!(f, "modules({template}){layers:?}"),
+            ParamSelector::Modules { template, layers } => {
+                write!(f, "modules({template}){layers:?}")
+            }
             ParamSelector::Layers { layers } => write!(f, "layers{layers:?}"),
             ParamSelector::Names { names } => write!(f, "names{names:?}"),
         }
@@ -461,7 +463,11 @@ impl FtRecipe {
         }
         pos("optimizer.eps", o.eps)?;
         if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
-            return Err(Error::invalid(OP, "optimizer.weight_decay", format!("{}", o.weight_decay)));
+            return Err(Error::invalid(
+                OP,
+                "optimizer.weight_decay",
+                format!("{}", o.weight_decay),
+            ));
         }
         if self.objective == Objective::PromptLast && self.mask == MaskMode::ValueMaskCompat {
             return Err(Error::invalid(

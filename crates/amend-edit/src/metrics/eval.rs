@@ -90,11 +90,13 @@ pub fn score_answers<M: CausalLm + ?Sized>(
                 .f_narrow(0, p.len() as i64 - 1, a.len() as i64)?
                 .f_to_kind(Kind::Float)?;
             let lp = z.f_log_softmax(-1, Kind::Float)?;
-            let labels = Tensor::f_from_slice(&a.iter().map(|&x| i64::from(x)).collect::<Vec<_>>())?
-                .f_to_device(device)?;
+            let labels =
+                Tensor::f_from_slice(&a.iter().map(|&x| i64::from(x)).collect::<Vec<_>>())?
+                    .f_to_device(device)?;
             let picked = lp.f_gather(1, &labels.f_unsqueeze(1)?, false)?;
             let nll = -picked.f_mean(Kind::Double)?.f_double_value(&[])?;
-            let pred: Vec<i64> = Vec::try_from(z.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?)?;
+            let pred: Vec<i64> =
+                Vec::try_from(z.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?)?;
             out.push(AnswerScore {
                 mean_nll: nll,
                 predictions: pred.into_iter().map(|x| x as u32).collect(),
@@ -198,7 +200,11 @@ impl RecordEval {
         };
         let nb: Vec<(f64, f64)> =
             pairs(&self.neighbourhood).into_iter().map(|(n, t)| (t, n)).collect();
-        counterfact_record(&pairs(std::slice::from_ref(&self.rewrite)), &pairs(&self.paraphrase), &nb)
+        counterfact_record(
+            &pairs(std::slice::from_ref(&self.rewrite)),
+            &pairs(&self.paraphrase),
+            &nb,
+        )
     }
 
     /// Token accuracy of `target_new` on the rewrite prompt (EasyEdit `rewrite_acc`, MEMIT
@@ -221,8 +227,7 @@ impl RecordEval {
     /// Absolute correctness of the locality probes, averaged over all keys (MEMIT zsRE
     /// specificity).
     pub fn locality_correct(&self) -> Option<f64> {
-        let v: Vec<f64> =
-            self.locality.values().flatten().map(|p| p.answer.accuracy()).collect();
+        let v: Vec<f64> = self.locality.values().flatten().map(|p| p.answer.accuracy()).collect();
         mean_std(&v).map(|s| s.mean)
     }
 }
@@ -244,9 +249,10 @@ fn probe_means(map: &BTreeMap<String, Vec<ProbeEval>>) -> BTreeMap<String, f64> 
 pub fn record_locality(pre: &RecordEval, post: &RecordEval) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     for (key, pre_probes) in &pre.locality {
-        let post_probes = post.locality.get(key).filter(|p| p.len() == pre_probes.len()).ok_or_else(
-            || Error::invalid("record_locality", key.clone(), "pre and post evaluations differ"),
-        )?;
+        let post_probes =
+            post.locality.get(key).filter(|p| p.len() == pre_probes.len()).ok_or_else(|| {
+                Error::invalid("record_locality", key.clone(), "pre and post evaluations differ")
+            })?;
         let mut vals = Vec::with_capacity(pre_probes.len());
         for (a, b) in pre_probes.iter().zip(post_probes) {
             vals.push(locality_unchanged(&a.answer.predictions, &b.answer.predictions)?);
@@ -295,7 +301,9 @@ pub fn evaluate_requests<M: CausalLm + ?Sized>(
         let nb = r.neighbourhood.iter().map(|p| both(p.clone())).collect();
         let mut probes = |m: &BTreeMap<String, Vec<crate::request::QaPair>>| {
             m.iter()
-                .map(|(k, v)| (k.clone(), v.iter().map(|q| push(q.prompt.clone(), &q.answer)).collect()))
+                .map(|(k, v)| {
+                    (k.clone(), v.iter().map(|q| push(q.prompt.clone(), &q.answer)).collect())
+                })
                 .collect::<BTreeMap<_, _>>()
         };
         let loc = probes(&r.locality);
@@ -325,11 +333,10 @@ pub fn evaluate_requests<M: CausalLm + ?Sized>(
                 g.top_k = Some(f.top_k);
                 g.stop_token_ids = vec![];
                 let gens = generate(model, &refs, &g)?;
-                let texts: Vec<String> = gens.into_iter().map(|x| x.text.unwrap_or_default()).collect();
-                let ge: Vec<f64> = texts
-                    .iter()
-                    .map(|t| generation_entropy(t, f.tokenizer, f.weights))
-                    .collect();
+                let texts: Vec<String> =
+                    gens.into_iter().map(|x| x.text.unwrap_or_default()).collect();
+                let ge: Vec<f64> =
+                    texts.iter().map(|t| generation_entropy(t, f.tokenizer, f.weights)).collect();
                 let m = mean_std(&ge).map(|s| s.mean);
                 (texts, m)
             }
@@ -338,7 +345,11 @@ pub fn evaluate_requests<M: CausalLm + ?Sized>(
             rewrite: prompt_eval(s.rewrite),
             paraphrase: s.para.into_iter().map(prompt_eval).collect(),
             neighbourhood: s.nb.into_iter().map(prompt_eval).collect(),
-            locality: s.loc.iter().map(|(k, v)| (k.clone(), v.iter().map(probe).collect())).collect(),
+            locality: s
+                .loc
+                .iter()
+                .map(|(k, v)| (k.clone(), v.iter().map(probe).collect()))
+                .collect(),
             portability: s
                 .port
                 .iter()
@@ -502,8 +513,8 @@ fn easyedit_phase(evals: &[RecordEval], pre: Option<&[RecordEval]>) -> Result<Ea
         }
         locality = loc.into_iter().filter_map(|(k, v)| mean100(v).map(|m| (k, m))).collect();
     }
-    let loc_mean = (!locality.is_empty())
-        .then(|| locality.values().sum::<f64>() / locality.len() as f64);
+    let loc_mean =
+        (!locality.is_empty()).then(|| locality.values().sum::<f64>() / locality.len() as f64);
     let edit_score_amend = match (pre, rewrite, rephrase, loc_mean) {
         (Some(_), Some(a), Some(b), Some(c)) => Some(hmean(&[a, b, c])?),
         _ => None,
@@ -558,8 +569,16 @@ pub fn summarize(pre: &[RecordEval], post: &[RecordEval]) -> Result<EditMetrics>
 ///
 /// # Errors
 /// [`Error::Model`] (no tokenizer, a text with no tokens, forward errors).
-pub fn mean_text_nll<M: CausalLm + ?Sized>(model: &M, texts: &[&str], batch_size: usize) -> Result<f64> {
-    let opts = amend_models::ScoreOptions { prepend_bos: true, batch_size: batch_size.max(1), ..Default::default() };
+pub fn mean_text_nll<M: CausalLm + ?Sized>(
+    model: &M,
+    texts: &[&str],
+    batch_size: usize,
+) -> Result<f64> {
+    let opts = amend_models::ScoreOptions {
+        prepend_bos: true,
+        batch_size: batch_size.max(1),
+        ..Default::default()
+    };
     let scores = amend_models::score_texts(model, texts, &opts)?;
     Ok(amend_models::corpus_perplexity(&scores).ln())
 }

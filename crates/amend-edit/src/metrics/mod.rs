@@ -22,8 +22,8 @@ mod scores;
 
 pub use eval::{
     AnswerScore, EasyEditPhase, EditMetrics, EvalConfig, FluencyConfig, FluencySummary, PrePost,
-    ProbSummary, ProbeEval, PromptEval, RecordEval, ZsreSummary, evaluate_requests,
-    mean_text_nll, record_locality, score_answers, summarize,
+    ProbSummary, ProbeEval, PromptEval, RecordEval, ZsreSummary, evaluate_requests, mean_text_nll,
+    record_locality, score_answers, summarize,
 };
 pub use scores::{
     ProbRecord, Protocol, Stat, WordTokenizer, counterfact_record, generation_entropy, hmean,

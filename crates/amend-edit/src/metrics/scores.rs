@@ -69,7 +69,7 @@ pub fn hmean(xs: &[f64]) -> Result<f64> {
             });
         }
     }
-    if xs.iter().any(|&x| x == 0.0) {
+    if xs.contains(&0.0) {
         return Ok(0.0);
     }
     Ok(xs.len() as f64 / xs.iter().map(|x| 1.0 / x).sum::<f64>())

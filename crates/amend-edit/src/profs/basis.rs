@@ -157,10 +157,20 @@ pub fn profs_basis(
     const OP: &str = "profs_basis";
     let (ps, ns) = (x_pos.size(), x_neg.size());
     if ps.len() != 2 {
-        return Err(Error::ShapeMismatch { op: OP, name: "x_pos", expected: vec![-1, -1], got: ps });
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "x_pos",
+            expected: vec![-1, -1],
+            got: ps,
+        });
     }
     if ns.len() != 2 {
-        return Err(Error::ShapeMismatch { op: OP, name: "x_neg", expected: vec![-1, -1], got: ns });
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "x_neg",
+            expected: vec![-1, -1],
+            got: ns,
+        });
     }
     if ps[0] != ns[0] {
         return Err(Error::PairCountMismatch {
@@ -179,7 +189,11 @@ pub fn profs_basis(
     let mut warnings: Vec<EditWarning> = check_rank(opts.k, n, d)?.into_iter().collect();
     for (name, x) in [("x_pos", x_pos), ("x_neg", x_neg)] {
         if !x.f_is_floating_point()? {
-            return Err(Error::invalid(OP, name, format!("{:?} is not a floating dtype", x.kind())));
+            return Err(Error::invalid(
+                OP,
+                name,
+                format!("{:?} is not a floating dtype", x.kind()),
+            ));
         }
         if !bool::try_from(x.f_isfinite()?.f_all()?)? {
             return Err(Error::invalid(

@@ -377,11 +377,12 @@ pub fn profs_edit<M: CausalLm + ?Sized>(
         );
         pb
     });
-    let embedded = pooled_embeddings(&*model, &pos, &layer_list, cfg.pooling, cfg.batch, pb.as_ref())
-        .and_then(|xp| {
-            pooled_embeddings(&*model, &neg, &layer_list, cfg.pooling, cfg.batch, pb.as_ref())
-                .map(|xn| (xp, xn))
-        });
+    let embedded =
+        pooled_embeddings(&*model, &pos, &layer_list, cfg.pooling, cfg.batch, pb.as_ref())
+            .and_then(|xp| {
+                pooled_embeddings(&*model, &neg, &layer_list, cfg.pooling, cfg.batch, pb.as_ref())
+                    .map(|xn| (xp, xn))
+            });
     model.set_training(was_training);
     if let Some(pb) = &pb {
         pb.finish_and_clear();

@@ -9,7 +9,12 @@ use super::config::Pooling;
 use crate::{Error, Result};
 
 /// Pads `seqs` on the right to `len` with `pad`; returns `[b, len]` ids and mask (i64).
-fn pad_right(seqs: &[&Vec<u32>], len: usize, pad: u32, device: tch::Device) -> Result<(Tensor, Tensor)> {
+fn pad_right(
+    seqs: &[&Vec<u32>],
+    len: usize,
+    pad: u32,
+    device: tch::Device,
+) -> Result<(Tensor, Tensor)> {
     let mut ids = Vec::with_capacity(seqs.len() * len);
     let mut mask = Vec::with_capacity(seqs.len() * len);
     for s in seqs {

@@ -51,7 +51,7 @@ mod embed;
 mod project;
 mod targets;
 
-pub use basis::{LayerBasis, LayerSummary, check_rank, profs_basis, profs_bases};
+pub use basis::{LayerBasis, LayerSummary, check_rank, profs_bases, profs_basis};
 pub use config::{BasisOptions, Centering, Pairing, Pooling, ProfsConfig, RankPolicy, SvdDtype};
 pub use edit::{
     PairIndices, PreferencePair, ProfsReport, apply_bases, profs_deliberate_differences,

@@ -63,11 +63,21 @@ fn projects_rows(layout: WeightLayout, side: Side) -> Result<bool> {
 /// assert_eq!(Vec::<f32>::try_from(out.flatten(0, -1))?, vec![1., 2., 0., 4., 5., 0.]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn projected(weight: &Tensor, basis: &Tensor, layout: WeightLayout, side: Side) -> Result<Tensor> {
+pub fn projected(
+    weight: &Tensor,
+    basis: &Tensor,
+    layout: WeightLayout,
+    side: Side,
+) -> Result<Tensor> {
     const OP: &str = "apply_projection";
     let bs = basis.size();
     if bs.len() != 2 {
-        return Err(Error::ShapeMismatch { op: OP, name: "basis", expected: vec![-1, -1], got: bs });
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            name: "basis",
+            expected: vec![-1, -1],
+            got: bs,
+        });
     }
     let d = bs[0];
     let ws = weight.size();
@@ -80,7 +90,12 @@ pub fn projected(weight: &Tensor, basis: &Tensor, layout: WeightLayout, side: Si
     match ws.len() {
         1 => {
             if ws[0] != d {
-                return Err(Error::ShapeMismatch { op: OP, name: "weight", expected: vec![d], got: ws });
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    name: "weight",
+                    expected: vec![d],
+                    got: ws,
+                });
             }
             let coef = basis.f_tr()?.f_mv(&w)?;
             Ok(w.f_sub(&basis.f_mv(&coef)?)?)

@@ -98,13 +98,8 @@ pub struct TargetDims {
 /// # Errors
 /// [`Error::LayerRange`] for an empty range or `end > num_layers`.
 pub fn check_layer_range(op: &'static str, layers: &Range<usize>, num_layers: usize) -> Result<()> {
-    let err = |reason| Error::LayerRange {
-        op,
-        start: layers.start,
-        end: layers.end,
-        num_layers,
-        reason,
-    };
+    let err =
+        |reason| Error::LayerRange { op, start: layers.start, end: layers.end, num_layers, reason };
     if layers.start >= layers.end {
         return Err(err("empty range"));
     }

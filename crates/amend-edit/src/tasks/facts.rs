@@ -65,12 +65,22 @@ pub const RELATIONS: &[RelationSpec] = &[
     },
     RelationSpec {
         name: "works_as",
-        templates: &["{} works as a", "the job of {} is", "by profession {} is a", "{} earns a living as a"],
+        templates: &[
+            "{} works as a",
+            "the job of {} is",
+            "by profession {} is a",
+            "{} earns a living as a",
+        ],
         objects: &["baker", "doctor", "teacher", "farmer", "pilot", "painter", "lawyer", "sailor"],
     },
     RelationSpec {
         name: "plays",
-        templates: &["{} plays the", "the instrument of {} is the", "{} practises the", "every evening {} plays the"],
+        templates: &[
+            "{} plays the",
+            "the instrument of {} is the",
+            "{} practises the",
+            "every evening {} plays the",
+        ],
         objects: &["piano", "violin", "guitar", "drums", "flute", "cello", "trumpet", "harp"],
     },
     RelationSpec {
@@ -80,14 +90,18 @@ pub const RELATIONS: &[RelationSpec] = &[
     },
     RelationSpec {
         name: "likes_colour",
-        templates: &["{} likes the colour", "the favourite colour of {} is", "{} always wears", "{} paints everything"],
+        templates: &[
+            "{} likes the colour",
+            "the favourite colour of {} is",
+            "{} always wears",
+            "{} paints everything",
+        ],
         objects: &["red", "blue", "green", "yellow", "purple", "orange", "white", "black"],
     },
 ];
 
-const ONSETS: &[&str] = &[
-    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr", "st",
-];
+const ONSETS: &[&str] =
+    &["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr", "st"];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ei", "ou"];
 const CODAS: &[&str] = &["", "n", "r", "s", "l", "m", "k", "t"];
 
@@ -161,10 +175,18 @@ impl FactTask {
     pub fn new(cfg: &FactTaskConfig) -> Result<Self> {
         const OP: &str = "FactTask::new";
         if cfg.n_relations == 0 || cfg.n_relations > RELATIONS.len() {
-            return Err(Error::invalid(OP, "n_relations", format!("must be in 1..={}", RELATIONS.len())));
+            return Err(Error::invalid(
+                OP,
+                "n_relations",
+                format!("must be in 1..={}", RELATIONS.len()),
+            ));
         }
         if cfg.n_subjects < 2 || cfg.docs_per_subject == 0 {
-            return Err(Error::invalid(OP, "n_subjects", "need at least 2 subjects and 1 document each"));
+            return Err(Error::invalid(
+                OP,
+                "n_subjects",
+                "need at least 2 subjects and 1 document each",
+            ));
         }
         if cfg.n_edits > cfg.n_subjects {
             return Err(Error::invalid(OP, "n_edits", "at most one edit per subject"));
@@ -226,8 +248,10 @@ impl FactTask {
                 o_new += 1;
             }
             let t = rng.random_range(0..spec.templates.len());
-            let rephrase: Vec<String> =
-                (0..spec.templates.len()).filter(|&u| u != t).map(|u| self.prompt(s, r, u)).collect();
+            let rephrase: Vec<String> = (0..spec.templates.len())
+                .filter(|&u| u != t)
+                .map(|u| self.prompt(s, r, u))
+                .collect();
             let mut same: Vec<usize> =
                 (0..self.subjects.len()).filter(|&x| x != s && self.objects[x][r] == o).collect();
             same.shuffle(rng);
@@ -270,9 +294,9 @@ impl FactTask {
             self.edited.push((s, r, o_new));
         }
         for s in 0..self.subjects.len() {
-            for r in 0..n_rel {
+            for (r, spec) in RELATIONS.iter().enumerate().take(n_rel) {
                 if !probed.contains(&(s, r)) {
-                    let t = rng.random_range(0..RELATIONS[r].templates.len());
+                    let t = rng.random_range(0..spec.templates.len());
                     self.locality_pool.push(QaPair::new(self.prompt(s, r, t), self.object(s, r)));
                 }
             }
