@@ -244,3 +244,79 @@ fn fact_task_model_learns_the_facts_and_can_be_edited() {
     assert!(p.pre.efficacy.unwrap().mean < 10.0);
     assert!(p.post.efficacy.unwrap().mean > 90.0);
 }
+
+#[test]
+fn sliding_window_perplexity_scores_every_token_once() {
+    use amend_edit::metrics::{
+        PerplexityConfig, PplAggregation, greedy_continuations, sliding_window_perplexity,
+        write_continuations,
+    };
+    use amend_models::{CausalLm, score_ids, score_texts};
+    tch::set_num_threads(1);
+    let model = load(gpt2_dir(), &LoadOptions::default()).unwrap();
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(6);
+    let n = model.tokenizer().unwrap().encode(&text, true).unwrap().len();
+    assert!(n > 64, "longer than the model's 64 positions: {n}");
+    // One window covering everything (explicit override): both aggregations = exact perplexity.
+    let full =
+        PerplexityConfig { window: Some(n), stride: n, aggregation: PplAggregation::TokenMean };
+    let r = sliding_window_perplexity(
+        &model,
+        &text[..80],
+        &PerplexityConfig { window: Some(64), stride: 64, ..full.clone() },
+    )
+    .unwrap();
+    let exact =
+        score_texts(&model, &[&text[..80]], &ScoreOptions::default()).unwrap()[0].perplexity();
+    Tol { rel: 1e-5, abs: 0.0 }.assert_all_close("one window", &[r.perplexity], &[exact]);
+    assert_eq!(r.windows, 1);
+    // Default: window = n_positions (64), stride 32 (overlapping): every token after the first
+    // is scored exactly once; TokenMean equals scoring the same windows by hand.
+    let cfg = PerplexityConfig { window: None, stride: 32, aggregation: PplAggregation::TokenMean };
+    let r = sliding_window_perplexity(&model, &text, &cfg).unwrap();
+    assert_eq!((r.window, r.window_overridden), (64, false));
+    assert_eq!(r.tokens_scored, n - 1);
+    let ids = model.tokenizer().unwrap().encode(&text, true).unwrap();
+    let (mut seqs, mut firsts, mut prev, mut begin) = (vec![], vec![], 0usize, 0usize);
+    loop {
+        let end = (begin + 64).min(n);
+        seqs.push(ids[begin..end].to_vec());
+        firsts.push((end - begin) - (end - prev));
+        prev = end;
+        if end == n {
+            break;
+        }
+        begin += 32;
+    }
+    let s = score_ids(&model, &seqs, &firsts, 4).unwrap();
+    let (sum, cnt) = s.iter().fold((0.0, 0), |(a, b), x| (a + x.sum_logprob(), b + x.count()));
+    Tol { rel: 1e-5, abs: 0.0 }.assert_all_close(
+        "token mean",
+        &[r.perplexity],
+        &[(-sum / cnt as f64).exp()],
+    );
+    let wm = sliding_window_perplexity(
+        &model,
+        &text,
+        &PerplexityConfig { aggregation: PplAggregation::WindowMean, ..cfg.clone() },
+    )
+    .unwrap();
+    let mean_w = s.iter().map(|x| x.mean_nll()).sum::<f64>() / s.len() as f64;
+    Tol { rel: 1e-5, abs: 0.0 }.assert_all_close("window mean", &[wm.perplexity], &[mean_w.exp()]);
+    assert!(
+        sliding_window_perplexity(&model, &text, &PerplexityConfig { stride: 100, ..cfg }).is_err()
+    );
+    // Greedy continuations as JSONL.
+    let c = greedy_continuations(&model, "gpt2-fixture", &["the cat", "a dog"], 10).unwrap();
+    assert_eq!(c.len(), 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("gen.jsonl");
+    write_continuations(&p, &c).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[1]["prompt"], "a dog");
+    assert_eq!(lines[0]["model"], "gpt2-fixture");
+}
