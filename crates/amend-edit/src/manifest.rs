@@ -1,6 +1,6 @@
 //! The `amend_edit.json` manifest written next to every edited model (spec IO-5), and the
 //! atomic write of the edited directory (IO-1 … IO-4, through
-//! [`CausalLm::save_pretrained`](amend_models::CausalLm::save_pretrained)).
+//! [`amend_models::CausalLm::save_pretrained`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
