@@ -92,6 +92,33 @@ fn project_writes_an_edited_model_with_manifest_and_metrics() {
             .equal(orig.params().tensor("transformer.wte.weight").unwrap())
     );
 
+    // Pinned pairs.
+    let idx = tmp.path().join("idx.txt");
+    std::fs::write(&idx, "4\n0\n2\n").unwrap();
+    let pinned = tmp.path().join("pinned");
+    let stdout = ok(&amend(&[
+        "edit",
+        "project",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        &example("profs_pairs.jsonl"),
+        "--out",
+        pinned.to_str().unwrap(),
+        "--layers",
+        "1..2",
+        "--rank",
+        "1",
+        "--indices",
+        idx.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--quiet",
+    ]));
+    assert!(stdout.contains("3 pairs"), "{stdout}");
+    let m = json(&pinned.join("amend_edit_metrics.json"));
+    assert_eq!(m["report"]["pair_indices"]["preferred"], serde_json::json!([4, 0, 2]));
+
     // Existing output without --overwrite, a layer range past the model, a rank above the
     // number of pairs, no default for this model: clear errors, non-zero exit.
     let again = amend(&[

@@ -124,6 +124,10 @@ pub struct ProjectArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 42, value_name = "S")]
     pub seed: u64,
+    /// Use exactly these pairs: a file with 0-based pair indices (a JSON array, or one per line);
+    /// overrides --n-pairs and --seed.
+    #[arg(long, value_name = "FILE")]
+    pub indices: Option<PathBuf>,
     /// Tokens per text.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub max_len: usize,
@@ -387,6 +391,20 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
     };
     cfg.allow_degenerate_layers |= a.allow_degenerate_layers;
     cfg.progress = !c.quiet;
+    if let Some(p) = &a.indices {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let idx: Vec<usize> = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => text
+                .split_whitespace()
+                .map(|x| {
+                    x.parse().with_context(|| format!("{}: `{x}` is not an index", p.display()))
+                })
+                .collect::<Result<_>>()?,
+        };
+        cfg.indices = Some(idx);
+    }
     if let Some(l) = &a.layers {
         cfg.layers = Some(l.clone());
     }

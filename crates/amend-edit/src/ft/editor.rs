@@ -174,7 +174,8 @@ pub struct FtReport {
     pub seconds: f64,
 }
 
-/// Compact numbers of one record in one phase.
+/// Compact numbers of one record in one phase, with EasyEdit's metric names (`rewrite_acc`,
+/// `rephrase_acc`, `locality`, `portability`, `fluency`) plus the CounterFact scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordNumbers {
     /// `memit-prob` scores (fractions).
@@ -185,8 +186,9 @@ pub struct RecordNumbers {
     pub rephrase_acc: Option<f64>,
     /// Absolute correctness of the locality probes.
     pub locality_correct: Option<f64>,
-    /// EasyEdit locality (unchanged predictions) per key, post phase only.
-    pub locality_unchanged: std::collections::BTreeMap<String, f64>,
+    /// EasyEdit `locality` per key: share of answer positions whose prediction is unchanged
+    /// from before the edit (post phase only; not correctness, see `locality_correct`).
+    pub locality: std::collections::BTreeMap<String, f64>,
     /// Portability per key.
     pub portability: std::collections::BTreeMap<String, f64>,
     /// Generation entropy.
@@ -499,7 +501,7 @@ fn numbers(e: &RecordEval, pre: Option<&RecordEval>) -> Result<RecordNumbers> {
         rewrite_acc: e.rewrite_acc(),
         rephrase_acc: e.rephrase_acc(),
         locality_correct: e.locality_correct(),
-        locality_unchanged: match pre {
+        locality: match pre {
             Some(p) => record_locality(p, e)?,
             None => Default::default(),
         },
