@@ -255,7 +255,8 @@ pub enum MethodArg {
     FtL,
     /// EasyEdit FT-M: conditional likelihood of the target.
     FtM,
-    /// FT-M with paraphrase prefixes generated from the model and locality facts.
+    /// FT-M with paraphrase prefixes generated from the model and locality facts (from
+    /// --locality-pool, those with the edit's old answer first).
     FtMAug,
     /// Gangadhar & Stratos single-edit recipe (all parameters).
     GsSingle,
@@ -545,7 +546,7 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
                     if pool.is_empty() {
                         LocalityFacts::None
                     } else {
-                        LocalityFacts::Random { per_edit: 10 }
+                        LocalityFacts::SameAnswer { per_edit: 10 }
                     },
                 ),
             )
@@ -555,7 +556,10 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
     };
     if a.recipe.is_none()
         && pool.is_empty()
-        && matches!(recipe.augmentation.locality, LocalityFacts::Random { .. })
+        && matches!(
+            recipe.augmentation.locality,
+            LocalityFacts::Random { .. } | LocalityFacts::SameAnswer { .. }
+        )
     {
         eprintln!("note: no --locality-pool given: training without locality facts");
         recipe.augmentation.locality = LocalityFacts::None;
@@ -565,9 +569,14 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
         ModeArg::Sequential => EditMode::Sequential,
         ModeArg::Batched => EditMode::Batched,
     };
-    if a.mode == ModeArg::Batched && a.recipe.is_none() && recipe.batch_size == Some(1) {
-        recipe.batch_size = Some(32);
-        recipe.shuffle = true;
+    if a.recipe.is_none() && recipe.batch_size == Some(1) {
+        if a.mode == ModeArg::Batched {
+            recipe.batch_size = Some(32);
+            recipe.shuffle = true;
+        } else {
+            // One full batch of each edit's rows per step (1 row without augmentation).
+            recipe.batch_size = None;
+        }
     }
     if let Some(l) = &a.layers {
         recipe.params = ParamSelector::MlpOutput { layers: l.0.clone() };

@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let params = ParamSelector::MlpOutput { layers: vec![args.layer] };
     let ft_l = FtRecipe::ft_l(params.clone()).with_lr(args.lr).with_epochs(args.epochs);
     let ft_m = FtRecipe::ft_m(params.clone()).with_lr(args.lr).with_epochs(args.epochs);
-    let aug = Augmentation::generated(10, 42, LocalityFacts::Random { per_edit: 10 });
+    let aug = Augmentation::generated(10, 42, LocalityFacts::SameAnswer { per_edit: 10 });
     let ft_m_aug = FtRecipe { name: "ft-m-aug".into(), ..ft_m.clone().with_augmentation(aug) };
     let eval = EvalConfig {
         batch_size: 32,
@@ -96,6 +96,9 @@ fn main() -> anyhow::Result<()> {
         }
         for mode in [EditMode::Single, EditMode::Batched] {
             let mut r = recipe.clone().with_mode(mode);
+            // Equal budgets: in single mode every step is one full batch of the edit's rows
+            // (1 for FT-L/FT-M; 1 + 10 + 10 with augmentation, as Gangadhar & Stratos do).
+            r.batch_size = None;
             if mode == EditMode::Batched {
                 // All edits (and their augmentation rows) in batches of 32 rows.
                 r.batch_size = Some(32);

@@ -358,3 +358,32 @@ fn bf16_model_is_updated_through_f32_masters() {
     assert!(!after.equal(&before));
     assert!(out.report.runs[0].update_norm > 0.0);
 }
+
+#[test]
+fn same_answer_locality_facts_come_first() {
+    use amend_edit::ft::training_rows;
+    use rand::SeedableRng;
+    let model = gpt2();
+    let pool = vec![
+        QaPair::new("The sky is", "blue"),
+        QaPair::new("The capital of Gaul is", "Paris"),
+        QaPair::new("Grass is", "green"),
+        QaPair::new("Lutetia is now called", "Paris"),
+        QaPair::new("Snow is", "white"),
+    ];
+    let aug = Augmentation {
+        paraphrases: Paraphrases::None,
+        locality: LocalityFacts::SameAnswer { per_edit: 3 },
+        locality_words: 35,
+    };
+    let recipe = FtRecipe::ft_m(ParamSelector::All).with_augmentation(aug);
+    let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(0);
+    let rows = training_rows(&model, &requests(), &[0], &recipe, &[], &pool, &mut rng).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let paris = tok.encode(" Paris", false).unwrap();
+    let loc: Vec<&EditRow> = rows.iter().filter(|r| r.kind == RowKind::Locality).collect();
+    assert_eq!(loc.len(), 3);
+    assert_eq!(loc[0].target_ids, paris);
+    assert_eq!(loc[1].target_ids, paris);
+    assert_ne!(loc[2].target_ids, paris);
+}

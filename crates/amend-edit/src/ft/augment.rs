@@ -70,6 +70,15 @@ pub enum LocalityFacts {
         /// Facts per edit.
         per_edit: usize,
     },
+    /// `per_edit` facts from the locality pool, those whose answer equals the request's
+    /// `target_true` first (sorted stably after a seeded shuffle), then random ones. On
+    /// CounterFact-style data these are the subjects that share the edited relation and old
+    /// object: the neighbours an edit tends to drag along. amend's stand-in for the authors'
+    /// `similar_neighborhood_prompts` (nearest neighbours under an external sentence embedder).
+    SameAnswer {
+        /// Facts per edit.
+        per_edit: usize,
+    },
     /// The request's own neighbourhood prompts with `target_true`, up to `per_edit` (closest to
     /// the authors' `similar_neighborhood_prompts`). These are also the prompts the `NS` /
     /// locality metrics evaluate, so those metrics are then no longer held out (a warning is
@@ -108,13 +117,13 @@ impl Augmentation {
         }
     }
 
-    /// Single-edit preset: the first 10 released prefixes and 15 random locality facts.
-    /// (The authors use up to 15 *similar* neighbourhood prompts; amend draws them at random from
-    /// the locality pool because similarity needs an external embedder.)
+    /// Single-edit preset: the first 10 released prefixes and 15 locality facts with the same old
+    /// answer ([`LocalityFacts::SameAnswer`]; the authors use up to 15 *similar* neighbourhood
+    /// prompts found with an external sentence embedder).
     pub fn gs_single() -> Self {
         Augmentation {
             paraphrases: Paraphrases::Released { count: 10 },
-            locality: LocalityFacts::Random { per_edit: 15 },
+            locality: LocalityFacts::SameAnswer { per_edit: 15 },
             locality_words: 35,
         }
     }

@@ -315,16 +315,22 @@ pub fn training_rows<M: CausalLm + ?Sized>(
         }
         let facts: Vec<(String, String)> = match &aug.locality {
             LocalityFacts::None => vec![],
-            LocalityFacts::Random { per_edit } => {
+            LocalityFacts::Random { per_edit } | LocalityFacts::SameAnswer { per_edit } => {
                 if *per_edit > 0 && pool.is_empty() {
                     return Err(Error::invalid(
                         "ft_edit",
                         "locality_pool",
-                        "random locality facts were asked for but the pool is empty",
+                        "locality facts from the pool were asked for but the pool is empty",
                     ));
                 }
                 let mut idx: Vec<usize> = (0..pool.len()).collect();
                 idx.shuffle(rng);
+                if let (LocalityFacts::SameAnswer { .. }, Some(t)) = (&aug.locality, &r.target_true)
+                {
+                    // Facts whose answer is this edit's old answer first (the ones an edit is
+                    // most likely to drag along), then the rest at random.
+                    idx.sort_by_key(|&j| pool[j].answer != *t);
+                }
                 idx.truncate(*per_edit);
                 idx.into_iter().map(|j| (pool[j].prompt.clone(), pool[j].answer.clone())).collect()
             }
@@ -565,7 +571,8 @@ pub fn ft_edit<M: CausalLm + ?Sized>(
             "locality facts are the requests' own neighbourhood prompts: the neighbourhood metrics (NS, locality) are no longer held out",
         ));
     }
-    if let LocalityFacts::Random { per_edit } = recipe.augmentation.locality
+    if let LocalityFacts::Random { per_edit } | LocalityFacts::SameAnswer { per_edit } =
+        recipe.augmentation.locality
         && per_edit > opts.locality_pool.len()
         && !opts.locality_pool.is_empty()
     {
