@@ -1,7 +1,7 @@
 //! A training loop to copy into your own trainer: batches of the model's own generations with the
 //! unwanted token annotated, a TNT loss against a frozen reference plus a KL-to-reference
 //! regulariser on clean text, gradient accumulation normalised exactly with `(sum, count)`,
-//! clipping, a warm-up + cosine schedule, a JSONL metrics log and a checkpoint.
+//! gradient clipping, a cosine schedule, a JSONL metrics log and a checkpoint.
 //!
 //! ```text
 //! cargo run --example custom_trainer              # outputs in a temporary directory
@@ -88,6 +88,7 @@ fn main() -> Result<()> {
     let pos = clean.chunks(MICRO).map(|c| micro_batch(c, unwanted)).collect::<Result<Vec<_>>>()?;
     ensure!(!neg.is_empty() && !pos.is_empty(), "not enough data");
 
+    // The reduction only shapes `out.loss`; the loop back-propagates `normalized_by` instead.
     let tnt_cfg = TntConfig::new(TntVariant::Rr).with_alpha(1.0).with_reduction(Reduction::Sum);
     let kl_cfg = RefKlConfig::default(); // forward KL(p° ‖ p) on the clean text
     let schedule = LrSchedule {
@@ -143,15 +144,18 @@ fn main() -> Result<()> {
         let lr = schedule.lr_at(step);
         opt.step(lr)?;
 
-        let mut record = serde_json::json!({ "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                             "tnt_tokens": n_tnt, "kl_tokens": n_kl });
+        let mut record = serde_json::json!({
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tnt_tokens": n_tnt, "kl_tokens": n_kl,
+        });
         for (name, value) in metrics.to_means() {
             record[name.as_str()] = value.into();
         }
         log.write(&record)?;
         let m = |k: &str| metrics.mean(k).unwrap_or(f64::NAN);
         println!(
-            "step {step:2}  lr {lr:.2e}  loss {loss:.4}  grad {grad_norm:.3}  p(unwanted) {:.4}  pos KL {:.5}  clean KL {:.5}",
+            "step {step:2}  lr {lr:.2e}  loss {loss:.4}  |g| {grad_norm:6.3}  \
+             p(unwanted) {:.4}  pos KL {:.4}  clean KL {:.4}",
             m("tnt/neg_mass"),
             m("tnt/pos_kl"),
             m("kl")
