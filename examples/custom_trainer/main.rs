@@ -101,6 +101,7 @@ fn main() -> Result<()> {
     let mut opt = AdamW::new(model.params(), AdamWConfig::default())?;
     let mut log = MetricsLog::create(&out_dir.join("metrics.jsonl"))?;
     model.set_training(true);
+    let mut neg_mass = vec![]; // p(unwanted) per step
 
     for step in 0..STEPS {
         let ids: Vec<usize> = (0..ACCUM).map(|k| step * ACCUM + k).collect();
@@ -153,6 +154,7 @@ fn main() -> Result<()> {
         }
         log.write(&record)?;
         let m = |k: &str| metrics.mean(k).unwrap_or(f64::NAN);
+        neg_mass.push(m("tnt/neg_mass"));
         println!(
             "step {step:2}  lr {lr:.2e}  loss {loss:.4}  |g| {grad_norm:6.3}  \
              p(unwanted) {:.4}  pos KL {:.4}  clean KL {:.4}",
@@ -161,6 +163,8 @@ fn main() -> Result<()> {
             m("kl")
         );
     }
+
+    ensure!(neg_mass.last() < neg_mass.first(), "p(unwanted) did not go down: {neg_mass:?}");
 
     // Checkpoint: a Hugging Face directory (transformers loads it) plus the optimizer state.
     let ckpt = model.save_pretrained(&out_dir.join("checkpoint-final"), &SaveOptions::default())?;
@@ -172,6 +176,7 @@ fn main() -> Result<()> {
         Ok(d.f_abs()?.f_max()?.f_double_value(&[])?)
     })?;
     println!("checkpoint {} reloads with max |Δlogit| = {diff:.1e}", ckpt.display());
+    ensure!(diff == 0.0, "the reloaded checkpoint gives different logits");
     println!("metrics log {}", out_dir.join("metrics.jsonl").display());
     Ok(())
 }

@@ -123,6 +123,11 @@ fn main() -> Result<()> {
             ensure!(loss.is_finite(), "{name}: non-finite loss at step {step}");
             if step == 0 {
                 println!("  step  0 loss {loss:.6}");
+                // The policy starts as the reference, so DPO's h = 0 and its loss is ln 2.
+                ensure!(
+                    !name.starts_with("DPO") || (loss - std::f64::consts::LN_2).abs() < 1e-6,
+                    "DPO at the reference is not ln 2"
+                );
             }
             last = Some(out);
         }
