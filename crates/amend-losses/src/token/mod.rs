@@ -40,7 +40,7 @@
 
 mod common;
 mod fused_linear;
-mod kernel;
+pub(crate) mod kernel;
 mod nl;
 mod nll;
 mod reference_kl;
