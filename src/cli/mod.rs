@@ -3,4 +3,5 @@
 
 pub mod generate;
 pub mod info;
+pub mod loss;
 pub mod score;

@@ -397,9 +397,12 @@ fn check_against_composite(p: &Problem, seed: u64) -> Result<()> {
             let (c, gc) = p.weighted(which, Kind::Float, TokenBackend::Composite, &r)?;
             let what = format!("{what} vs f32 composite");
             vt.assert_all_close(&what, &vals(&k.per_example), &vals(&c.per_example));
-            // Both f32 paths round: the kernel meets F32_GRAD against the f64 oracle above; the
-            // composite's own f32 error (a few ulp of gradients up to 2α) needs a relative term.
-            Tol { rel: F32.rel, ..gt }.assert_all_close(&format!("{what} grad"), &gk, &gc);
+            // Both f32 paths round: the kernel meets its tolerance against the f64 oracle
+            // above; the composite's own f32 error is up to about twice as large (measured
+            // 8.5e-6 on a reverse-KL gradient where the kernel was within 4e-6), so the two f32
+            // paths are compared at three times the oracle tolerance plus F32's relative term.
+            let loose = Tol { rel: F32.rel, abs: 3.0 * gt.abs };
+            loose.assert_all_close(&format!("{what} grad"), &gk, &gc);
             metrics_close(&what, &k.metrics, &c.metrics, p.magnitude);
         }
         // One reduction per loss and case, rotating with the seed: every (loss, reduction) pair

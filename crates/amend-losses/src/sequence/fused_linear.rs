@@ -25,12 +25,12 @@ use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut};
 use super::common::{
     check_device, check_float, check_rank, check_shape, compute_kind, with_setters,
 };
-use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
-use crate::token::kernel;
 use super::seq_logps::{
     ActiveRows, SeqLogps, SeqLogpsConfig, TokenStats, active_rows, assemble, check_lp_finite,
     token_stats,
 };
+use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
+use crate::token::kernel;
 use crate::token::{FusedLinearOptions, NonFinitePolicy};
 use crate::{Error, Result};
 

@@ -517,7 +517,11 @@ pub(crate) fn check_lp_finite(
 
 /// [`token_stats`] of rows `rows` of `x [R, V]`, from per-row reductions of `x` (no copy of
 /// the rows).
-pub(crate) fn token_stats_of_rows(x: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<TokenStats> {
+pub(crate) fn token_stats_of_rows(
+    x: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
+) -> Result<TokenStats> {
     let n = rows.size()[0];
     let v = x.size().get(1).copied().unwrap_or(0);
     if n == 0 {

@@ -524,7 +524,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// A plan over `active` (`[B, T]` bool with `count` true entries).
-    pub(crate) fn new(dims: Dims, kind: Kind, labels: Tensor, active: Tensor, count: i64) -> Result<Plan> {
+    pub(crate) fn new(
+        dims: Dims,
+        kind: Kind,
+        labels: Tensor,
+        active: Tensor,
+        count: i64,
+    ) -> Result<Plan> {
         let sel = RowSelection::new(&active, count)?;
         Ok(Plan { dims, kind, sel, count, labels, active })
     }

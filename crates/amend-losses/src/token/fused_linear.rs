@@ -20,9 +20,11 @@ use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut};
 use super::kernel;
 use super::nll::{NllConfig, NllRows, nll_metrics};
 use super::rows::{RowLoss, Rows, row_loss_and_grad};
-use super::tnt::{TntConfig, TntKernelStats, TntRows, kernel_config as tnt_kernel_config, tnt_metrics};
-use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
+use super::tnt::{
+    TntConfig, TntKernelStats, TntRows, kernel_config as tnt_kernel_config, tnt_metrics,
+};
 use super::weights::TokenWeights;
+use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, LossPart, Metrics, Reduction, Result};
 
 /// An LM head: `logits = hidden · weightᵀ (+ bias)`.

@@ -13,9 +13,9 @@ use super::common::{
     masked_sum, plan_weighted, select_weighted, token_losses,
 };
 use super::kernel::{self, fused, inject, override_rows, threads};
-use crate::bridge::{CpuBuf, CpuSlice};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
 use super::weights::TokenWeights;
+use crate::bridge::{CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Configuration of [`nl_loss`].

@@ -10,8 +10,8 @@ use super::common::{
     check_reduction, count_and_check_ids, finish, masked_sum, token_losses,
 };
 use super::kernel::{self, argmax, fused, inject, row_scale, threads};
-use crate::bridge::CpuSlice;
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
+use crate::bridge::CpuSlice;
 use crate::{LossOutput, Reduction, Result};
 
 /// Configuration of [`nll_loss`] and [`conditional_nll_loss`].
@@ -132,7 +132,12 @@ fn plan_nll(
 
 /// [`nll_loss`] on the fused selected-token kernel; `None`: a row was rejected as non-finite,
 /// take the composite path.
-fn nll_kernel(op: &'static str, plan: &Plan, logits: &Tensor, cfg: &NllConfig) -> Result<Option<LossOutput>> {
+fn nll_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    cfg: &NllConfig,
+) -> Result<Option<LossOutput>> {
     let scale = row_scale(&plan.active)?;
     let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
     let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;

@@ -11,11 +11,11 @@ use super::common::{
     token_losses,
 };
 use super::kernel::{self, argmax, fused, inject, row_scale, target_argmax, threads};
-use crate::bridge::CpuSlice;
 use super::rows::{
     LogProbs, RowLoss, Rows, ce_grad, ce_value, eval_rows, onehot, ref_log_target, rkl_grad,
     rkl_value, smooth,
 };
+use crate::bridge::CpuSlice;
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Direction of [`reference_kl_loss`].

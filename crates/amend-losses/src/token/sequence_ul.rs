@@ -18,9 +18,9 @@ use super::common::{
     check_reduction, check_shape, count_and_check_ids, finish, masked_sum, token_losses,
 };
 use super::kernel::{self, fused, inject, logp_at, threads};
-use crate::bridge::CpuSlice;
 use super::rows::{RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad};
 use super::ul_annotated::label_candidates;
+use crate::bridge::CpuSlice;
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Which continuation tokens [`sequence_ul_loss`] penalises.

@@ -16,12 +16,12 @@ use super::common::{
 use super::kernel::{
     self, argmax, fused, inject, logp_at, restrict_to_support, row_scale, target_argmax, threads,
 };
-use crate::bridge::{CpuBuf, CpuSlice};
 use super::rows::{
     LogProbs, RefParts, RowLoss, Rows, ce_grad, ce_value, eval_rows, kl_metric, label_log_target,
     rkl_grad, rkl_value, select_scalar, smooth,
 };
 use super::weights::TokenWeights;
+use crate::bridge::{CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// The five TNT variants, named `TN{negative}{positive}`: the divergence used at negative

@@ -13,9 +13,9 @@ use super::common::{
     masked_sum, plan_weighted, select_weighted, token_losses,
 };
 use super::kernel::{self, fused, inject, logp_at, threads};
-use crate::bridge::CpuSlice;
 use super::rows::{CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad};
 use super::weights::TokenWeights;
+use crate::bridge::CpuSlice;
 use crate::{LossOutput, Reduction, Result};
 
 /// Configuration of [`ul_annotated_loss`].

@@ -20,7 +20,7 @@ use super::rows::{
     CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad, row_sum,
 };
 use crate::bridge::CpuSlice;
-use crate::{Error, LossOutput, Reduction, Result};
+use crate::{Error, LossOutput, Metrics, Reduction, Result};
 
 /// Where the unlikelihood candidates of each position come from.
 #[derive(Debug, Clone, Copy)]
@@ -293,8 +293,11 @@ fn welleck_kernel(
     let cand = build_candidates(op, candidates, cfg, &plan.labels, &plan.sel, &x, dims)?;
     let k = cand.ids.size()[1];
     let ids = cand.ids.f_where_scalarother(&cand.valid, -1)?;
-    let full = Tensor::f_full([dims.n(), k], -1, (Kind::Int64, logits.device()))?
-        .f_index_copy(0, &plan.sel.indices(logits.device())?, &ids)?;
+    let full = Tensor::f_full([dims.n(), k], -1, (Kind::Int64, logits.device()))?.f_index_copy(
+        0,
+        &plan.sel.indices(logits.device())?,
+        &ids,
+    )?;
     let ids_s = CpuSlice::<i64>::strict(&full, op, "candidates")?;
     let scale = row_scale(&plan.active)?;
     let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
@@ -320,7 +323,22 @@ fn welleck_kernel(
         return Ok(None);
     };
     let tok = inject(logits, &fused, &plan.active, plan.count)?;
-    let _guard = tch::no_grad_guard();
+    let metrics =
+        tch::no_grad(|| welleck_kernel_metrics(op, plan, logits, &full, &fused.values, cfg))?;
+    finish(op, tok, plan.count, cfg.reduction, metrics).map(Some)
+}
+
+/// The metrics of [`welleck_ul_loss`] on the kernel path (value-only `log p_x`, gathered `p_c`).
+fn welleck_kernel_metrics(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    full: &Tensor,
+    values: &Tensor,
+    cfg: &WelleckUlConfig,
+) -> Result<Metrics> {
+    let dims = plan.dims;
+    let k = full.size()[1];
     let count = plan.count as f64;
     let active = &plan.active;
     let (l_x, lse) = logp_at(op, logits, &plan.labels, active)?;
@@ -337,14 +355,14 @@ fn welleck_kernel(
     let mut sink = MetricSink::default();
     sink.add("ul/nll", &masked_sum(&nll, active)?, count)?;
     if cfg.alpha > 0.0 {
-        let penalty = masked_sum(&fused.values.f_sub(&nll)?, active)?.f_div_scalar(cfg.alpha)?;
+        let penalty = masked_sum(&values.f_sub(&nll)?, active)?.f_div_scalar(cfg.alpha)?;
         sink.add("ul/candidate_penalty", &penalty, count)?;
     }
     sink.add("ul/num_candidates", &valid.f_sum(Kind::Float)?, count)?;
     sink.add("ul/candidate_mass", &p_c.f_sum(Kind::Double)?, count)?;
     let hit = argmax(logits)?.f_eq_tensor(&plan.labels)?.f_to_kind(Kind::Float)?;
     sink.add("mean_token_accuracy", &masked_sum(&hit, active)?, count)?;
-    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
+    sink.finish()
 }
 
 /// Welleck et al.'s token-level unlikelihood loss: NLL plus a penalty on candidate tokens.
