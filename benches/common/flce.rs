@@ -60,25 +60,37 @@ pub fn zero_grads(x: &FlceInputs) {
     }
 }
 
-/// One cross-entropy step from hidden states: `naive` or `chunked`.
-pub fn flce_ce_step(x: &FlceInputs, chunked: bool) -> f64 {
-    let loss = if chunked {
-        let cfg = NllConfig::default().with_reduction(Reduction::Sum);
-        fused_linear_nll_loss(
-            &x.h,
-            LinearHead::new(&x.w),
-            &x.labels,
-            None,
-            &cfg,
-            &FusedLinearOptions::default(),
-        )
-        .expect("fused_linear_nll_loss")
-        .loss
-    } else {
-        let logits = x.h.matmul(&x.w.tr());
-        logits.cross_entropy_loss::<Tensor>(&x.labels, None, tch::Reduction::Sum, -100, 0.0)
+/// One cross-entropy step from hidden states:
+///
+/// * `naive`: `let logits = h·Wᵀ; let loss = cross_entropy(logits); loss.backward()`, the code
+///   a user writes (and the spec's baseline): the logits stay in scope during `backward()`;
+/// * `naive_lean`: the same with the logits dropped before `backward()` (autograd keeps only
+///   the log-softmax), the smallest footprint of the full-logits path;
+/// * `chunked`: `fused_linear_nll_loss`.
+pub fn flce_ce_step(x: &FlceInputs, which: &str) -> f64 {
+    let (loss, logits) = match which {
+        "chunked" => {
+            let cfg = NllConfig::default().with_reduction(Reduction::Sum);
+            let out = fused_linear_nll_loss(
+                &x.h,
+                LinearHead::new(&x.w),
+                &x.labels,
+                None,
+                &cfg,
+                &FusedLinearOptions::default(),
+            )
+            .expect("fused_linear_nll_loss");
+            (out.loss, None)
+        }
+        naive => {
+            let logits = x.h.matmul(&x.w.tr());
+            let loss =
+                logits.cross_entropy_loss::<Tensor>(&x.labels, None, tch::Reduction::Sum, -100, 0.0);
+            (loss, (naive == "naive").then_some(logits))
+        }
     };
     loss.backward();
+    drop(logits);
     scalar(&loss)
 }
 
@@ -107,13 +119,17 @@ pub fn flce_tnt_step(x: &FlceInputs, which: &str) -> f64 {
             } else {
                 TokenBackend::Composite
             };
+            // As a user writes it: the logits stay in scope during backward().
             let n = x.h.size()[0];
             let logits = x.h.matmul(&x.w.tr()).reshape([1, n, -1]);
             let ref_logits = tch::no_grad(|| x.h_ref.matmul(&x.w_ref.tr())).reshape([1, n, -1]);
             let labels = x.labels.reshape([1, n]);
-            tnt_loss(&logits, &ref_logits, &labels, &x.weights, &cfg.with_backend(backend))
-                .expect("tnt_loss")
-                .loss
+            let loss =
+                tnt_loss(&logits, &ref_logits, &labels, &x.weights, &cfg.with_backend(backend))
+                    .expect("tnt_loss")
+                    .loss;
+            loss.backward();
+            return scalar(&loss);
         }
     };
     loss.backward();
