@@ -84,8 +84,13 @@ pub fn flce_ce_step(x: &FlceInputs, which: &str) -> f64 {
         }
         naive => {
             let logits = x.h.matmul(&x.w.tr());
-            let loss =
-                logits.cross_entropy_loss::<Tensor>(&x.labels, None, tch::Reduction::Sum, -100, 0.0);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &x.labels,
+                None,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            );
             (loss, (naive == "naive").then_some(logits))
         }
     };
