@@ -22,6 +22,7 @@ enum Command {
     Score(cli::score::ScoreArgs),
     Generate(cli::generate::GenerateArgs),
     Edit(cli::edit::EditArgs),
+    Loss(cli::loss::LossArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +38,6 @@ fn main() -> Result<()> {
         Command::Score(args) => cli::score::run(&args),
         Command::Generate(args) => cli::generate::run(&args),
         Command::Edit(args) => cli::edit::run(&args),
+        Command::Loss(args) => cli::loss::run(&args),
     }
 }

@@ -4,4 +4,5 @@
 pub mod edit;
 pub mod generate;
 pub mod info;
+pub mod loss;
 pub mod score;
