@@ -32,7 +32,7 @@ doc: setup
 bench-build: setup
 	$(CARGO) bench --workspace --no-run
 
-## examples: run every top-level example in the debug profile (each well under a minute)
+## examples: run every top-level example in the debug profile (as CI does)
 # Examples of the facade (`cargo run --example NAME`) and of amend-kernels, which build without
 # libtorch (`cargo run -p amend-kernels --example NAME`). Override to run a subset:
 # `make examples EXAMPLES=tnt_step KERNEL_EXAMPLES=`.
