@@ -28,8 +28,9 @@ fn main() -> Result<()> {
     tch::set_num_threads(2);
     let start = Instant::now();
 
-    // 1. The task and its model. The model is trained once (about 4 minutes on 2 cores) and
-    //    cached under $AMEND_CACHE_DIR/models (default ~/.cache/amend/models).
+    // 1. The task and its model. The model is trained on the first run (about 8 minutes in
+    //    the debug profile on 2 cores) and cached under $AMEND_CACHE_DIR/models (default
+    //    ~/.cache/amend/models).
     let task = FactTask::new(&FactTaskConfig::default())?;
     let cache = default_cache_dir();
     let (mut model, trained, model_dir) = task
