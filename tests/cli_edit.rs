@@ -275,3 +275,69 @@ fn help_explains_the_commands() {
     let h = ok(&amend(&["edit", "project", "--help"]));
     assert!(h.contains("--pairs") && h.contains("--rank") && h.contains("A..B"));
 }
+
+#[test]
+fn output_never_over_or_inside_the_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A private copy of the fixture, so a failure of this test cannot damage the fixture.
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture().join(f), model.join(f)).unwrap();
+    }
+    let m = model.to_str().unwrap();
+    let inside = model.join("edited");
+    let edits = example("edits.jsonl");
+    let pairs = example("profs_pairs.jsonl");
+    let cases: Vec<Vec<&str>> = vec![
+        // Single mode writes only metrics, with --overwrite: still never over the input.
+        vec!["finetune", "--edits", &edits, "--mode", "single", "--out", m, "--overwrite"],
+        vec!["finetune", "--edits", &edits, "--out", inside.to_str().unwrap()],
+        vec![
+            "project",
+            "--pairs",
+            &pairs,
+            "--layers",
+            "0..1",
+            "--rank",
+            "1",
+            "--out",
+            m,
+            "--overwrite",
+        ],
+        vec!["project", "--pairs", &pairs, "--layers", "0..1", "--rank", "1", "--out", "."],
+    ];
+    for case in cases {
+        let mut args = vec!["edit", case[0], "--model", m, "--quiet", "--threads", "1"];
+        args.extend(&case[1..]);
+        // Run from inside the model directory so that `--out .` is the input itself.
+        let r = Command::new(env!("CARGO_BIN_EXE_amend"))
+            .args(&args)
+            .current_dir(&model)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!r.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("input directory"), "{args:?}: {err}");
+        assert!(!inside.exists());
+        for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+            assert_eq!(
+                std::fs::read(model.join(f)).unwrap(),
+                std::fs::read(fixture().join(f)).unwrap(),
+                "{f} changed by {args:?}"
+            );
+        }
+    }
+    // The library writer refuses the same, even when the CLI check is bypassed.
+    let files = [("a.json".to_string(), b"{}".to_vec())].into();
+    let e = amend::edit::manifest::write_dir_atomically(&model, &files, true, Some(&model))
+        .unwrap_err();
+    assert!(e.to_string().contains("input directory"), "{e}");
+    let e = amend::edit::manifest::write_dir_atomically(&inside, &files, false, Some(&model))
+        .unwrap_err();
+    assert!(e.to_string().contains("input directory"), "{e}");
+    let ok = tmp.path().join("metrics-only");
+    amend::edit::manifest::write_dir_atomically(&ok, &files, false, Some(&model)).unwrap();
+    assert_eq!(std::fs::read(ok.join("a.json")).unwrap(), b"{}");
+}

@@ -347,6 +347,31 @@ fn embedded(c: &CommonArgs) -> Result<(FactTask, Model, PathBuf)> {
     Ok((task, Model::Gpt2(model), dir))
 }
 
+/// Refuses, before any work, an output that exists (without --overwrite) or that is, contains or
+/// is inside the input directory. The writers check again when they write.
+fn check_out(c: &CommonArgs, input: &Path) -> Result<()> {
+    let canon = |p: &Path| -> Option<PathBuf> {
+        let abs = std::path::absolute(p).ok()?;
+        match abs.canonicalize() {
+            Ok(x) => Some(x),
+            Err(_) => Some(abs.parent()?.canonicalize().ok()?.join(abs.file_name()?)),
+        }
+    };
+    if let (Some(out), Ok(input)) = (canon(&c.out), input.canonicalize())
+        && (out.starts_with(&input) || input.starts_with(&out))
+    {
+        bail!(
+            "--out {} is, contains or is inside the input directory {}; choose another directory",
+            c.out.display(),
+            input.display()
+        );
+    }
+    if c.out.exists() && !c.overwrite {
+        bail!("--out {} exists; pass --overwrite to replace it", c.out.display());
+    }
+    Ok(())
+}
+
 fn write_metrics_copy(path: Option<&PathBuf>, bytes: &[u8]) -> Result<()> {
     if let Some(p) = path {
         std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
@@ -429,6 +454,7 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
             (model, pairs, dir, Some((task, sup)))
         }
     };
+    check_out(c, &input_dir)?;
     let used: Vec<&PreferencePair> = pairs.iter().take(cfg.n_pairs.min(200)).collect();
     let pref: Vec<&str> = used.iter().map(|p| p.preferred.as_str()).collect();
     let disp: Vec<&str> = used.iter().map(|p| p.dispreferred.as_str()).collect();
@@ -528,6 +554,7 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
             (model, task.edits.clone(), task.locality_pool.clone(), dir, true)
         }
     };
+    check_out(c, &input_dir)?;
     let n = model.num_layers();
     let mid = vec![n / 2];
     let mut recipe = match (&a.recipe, a.method) {
@@ -619,7 +646,7 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
     extra.insert(METRICS_FILE.to_string(), bytes.clone());
     let dir = if recipe.mode == EditMode::Single {
         extra.insert(MANIFEST_FILE.to_string(), manifest.to_bytes()?);
-        write_dir_atomically(&c.out, &extra, c.overwrite)?
+        write_dir_atomically(&c.out, &extra, c.overwrite, Some(&input_dir))?
     } else {
         write_edited_model(
             &model,

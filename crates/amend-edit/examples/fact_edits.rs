@@ -19,7 +19,6 @@ use amend_edit::ft::{
 };
 use amend_edit::metrics::{EvalConfig, FluencyConfig};
 use amend_edit::tasks::facts::{FactTask, FactTaskConfig, default_cache_dir};
-use amend_models::CausalLm;
 use amend_models::recipe::RunOptions;
 
 /// Compare fine-tuning editors on the synthetic fact-edit task.
@@ -112,51 +111,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!();
-    println!(
-        "| method | mode | ES | PS | NS | S (memit-prob) | rewrite_acc | rephrase_acc | locality | GE | rows E/P/R | steps | time |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.1}"));
-    let mut first = true;
-    for (name, mode, out, secs) in &outcomes {
-        let Some(m) = &out.metrics else { continue };
-        if first {
-            let p = &m.memit_prob.pre;
-            let e = &m.easyedit_tokacc.pre;
-            println!(
-                "| (before) | | {} | {} | {} | {} | {} | {} | | {} | | | |",
-                f(p.efficacy.map(|s| s.mean)),
-                f(p.paraphrase.map(|s| s.mean)),
-                f(p.neighbourhood.map(|s| s.mean)),
-                f(p.score),
-                f(e.rewrite_acc),
-                f(e.rephrase_acc),
-                f(m.fluency.as_ref().map(|x| x.pre.ge.mean)),
-            );
-            first = false;
-        }
-        let p = &m.memit_prob.post;
-        let e = &m.easyedit_tokacc.post;
-        let loc = (!e.locality.is_empty())
-            .then(|| e.locality.values().sum::<f64>() / e.locality.len() as f64);
-        let d = &out.report.data_counts;
-        let steps: usize = out.report.runs.iter().map(|r| r.steps).sum();
-        println!(
-            "| {name} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {steps} | {secs:.0} s |",
-            f(p.efficacy.map(|s| s.mean)),
-            f(p.paraphrase.map(|s| s.mean)),
-            f(p.neighbourhood.map(|s| s.mean)),
-            f(p.score),
-            f(e.rewrite_acc),
-            f(e.rephrase_acc),
-            f(loc),
-            f(m.fluency.as_ref().map(|x| x.post.ge.mean)),
-            d.edits,
-            d.paraphrases,
-            d.locality,
-        );
-    }
+    print_tables(&outcomes);
     if let Some(path) = &args.json {
         let v: Vec<serde_json::Value> = outcomes
             .iter()
@@ -170,6 +125,97 @@ fn main() -> anyhow::Result<()> {
         )?;
         println!("\nwrote {}", path.display());
     }
-    let _ = model.num_layers();
     Ok(())
+}
+
+/// One cell: a percentage with one decimal, or `–` when the metric does not apply.
+fn cell(x: Option<f64>) -> String {
+    x.map_or("–".to_string(), |v| format!("{v:.1}"))
+}
+
+/// Prints one markdown table per metric family (they are never mixed, spec MET-1), then the
+/// training budgets.
+fn print_tables(outcomes: &[(String, String, FtOutcome, f64)]) {
+    let with_metrics: Vec<_> = outcomes
+        .iter()
+        .filter_map(|(n, mode, o, s)| Some((n, mode, o, o.metrics.as_ref()?, s)))
+        .collect();
+    let Some((_, _, _, first, _)) = with_metrics.first() else { return };
+
+    println!("\nmemit-prob (CounterFact probability comparison), % of prompts:\n");
+    println!(
+        "| method | mode | ES (efficacy) | PS (paraphrase) | NS (neighbourhood) | S = hmean |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let row = |name: &str, mode: &str, p: &amend_edit::metrics::ProbSummary| {
+        println!(
+            "| {name} | {mode} | {} | {} | {} | {} |",
+            cell(p.efficacy.map(|s| s.mean)),
+            cell(p.paraphrase.map(|s| s.mean)),
+            cell(p.neighbourhood.map(|s| s.mean)),
+            cell(p.score),
+        );
+    };
+    row("(before)", "", &first.memit_prob.pre);
+    for (name, mode, _, m, _) in &with_metrics {
+        row(name, mode, &m.memit_prob.post);
+    }
+
+    println!("\neasyedit-tokacc (token accuracy; locality = unchanged argmax predictions), %:\n");
+    println!(
+        "| method | mode | rewrite_acc | rephrase_acc | locality (mean) | neighbourhood | same_subject | hmean (amend) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let row = |name: &str, mode: &str, e: &amend_edit::metrics::EasyEditPhase| {
+        let loc = (!e.locality.is_empty())
+            .then(|| e.locality.values().sum::<f64>() / e.locality.len() as f64);
+        println!(
+            "| {name} | {mode} | {} | {} | {} | {} | {} | {} |",
+            cell(e.rewrite_acc),
+            cell(e.rephrase_acc),
+            cell(loc),
+            cell(e.locality.get("neighbourhood").copied()),
+            cell(e.locality.get("same_subject").copied()),
+            cell(e.edit_score_amend),
+        );
+    };
+    row("(before)", "", &first.easyedit_tokacc.pre);
+    for (name, mode, _, m, _) in &with_metrics {
+        row(name, mode, &m.easyedit_tokacc.post);
+    }
+
+    println!(
+        "\nmemit-tokacc (zsRE token accuracy; specificity = absolute accuracy of the locality probes), %:\n"
+    );
+    println!("| method | mode | efficacy | paraphrase | specificity | S = hmean |");
+    println!("|---|---|---|---|---|---|");
+    let row = |name: &str, mode: &str, z: &amend_edit::metrics::ZsreSummary| {
+        println!(
+            "| {name} | {mode} | {} | {} | {} | {} |",
+            cell(z.efficacy.map(|s| s.mean)),
+            cell(z.paraphrase.map(|s| s.mean)),
+            cell(z.specificity.map(|s| s.mean)),
+            cell(z.score),
+        );
+    };
+    row("(before)", "", &first.memit_tokacc.pre);
+    for (name, mode, _, m, _) in &with_metrics {
+        row(name, mode, &m.memit_tokacc.post);
+    }
+
+    println!("\nfluency and budget:\n");
+    println!("| method | mode | GE ×100 | rows E/P/R | optimizer steps | wall time |");
+    println!("|---|---|---|---|---|---|");
+    println!("| (before) | | {} | | | |", cell(first.fluency.as_ref().map(|f| f.pre.ge.mean)));
+    for (name, mode, out, m, secs) in &with_metrics {
+        let d = &out.report.data_counts;
+        let steps: usize = out.report.runs.iter().map(|r| r.steps).sum();
+        println!(
+            "| {name} | {mode} | {} | {}/{}/{} | {steps} | {secs:.0} s |",
+            cell(m.fluency.as_ref().map(|f| f.post.ge.mean)),
+            d.edits,
+            d.paraphrases,
+            d.locality,
+        );
+    }
 }

@@ -141,28 +141,48 @@ pub fn to_json_value<T: Serialize>(what: &str, v: &T) -> Result<serde_json::Valu
 /// Writes `files` (name → bytes) into a new directory `out_dir`, atomically: into a temporary
 /// directory next to it, synced, then renamed into place. An existing `out_dir` is an error
 /// unless `overwrite`, in which case it is replaced only once the new directory is complete.
-/// Used for outputs without weights (e.g. the metrics of single-mode edits).
+/// `out_dir` may never be, contain or lie inside `input_dir` (after canonicalisation), even with
+/// `overwrite`. Used for outputs without weights (e.g. the metrics of single-mode edits).
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for an existing output without `overwrite`; [`Error::Io`].
+/// [`Error::Model`] with `amend_models::Error::OutputDir` when `out_dir` is, contains or is
+/// inside `input_dir`, exists without `overwrite`, or is not a directory; [`Error::Io`].
 pub fn write_dir_atomically(
     out_dir: &Path,
     files: &BTreeMap<String, Vec<u8>>,
     overwrite: bool,
+    input_dir: Option<&Path>,
 ) -> Result<PathBuf> {
     use std::io::Write;
-    if out_dir.exists() && !overwrite {
-        return Err(Error::invalid(
-            "write_dir_atomically",
-            out_dir.display().to_string(),
-            "exists already (pass overwrite to replace it)",
-        ));
-    }
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+    let refuse = |path: &Path, reason: String| -> Error {
+        amend_models::Error::OutputDir { path: path.to_path_buf(), reason }.into()
     };
+    let absolute = if out_dir.is_absolute() {
+        out_dir.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| Error::io(out_dir, e))?.join(out_dir)
+    };
+    let name =
+        absolute.file_name().ok_or_else(|| refuse(out_dir, "no directory name".into()))?.to_owned();
+    let parent = absolute.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let parent = parent.canonicalize().map_err(|e| Error::io(&parent, e))?;
+    let out_dir = &parent.join(name);
+    if let Some(input) = input_dir {
+        let input = input.canonicalize().map_err(|e| Error::io(input, e))?;
+        if out_dir.starts_with(&input) || input.starts_with(out_dir) {
+            return Err(refuse(
+                out_dir,
+                format!("it is, contains or is inside the input directory {}", input.display()),
+            ));
+        }
+    }
+    if out_dir.exists() && !overwrite {
+        return Err(refuse(out_dir, "it exists (set overwrite to replace it)".into()));
+    }
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(refuse(out_dir, "it exists and is not a directory".into()));
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".amend-edit-")
         .tempdir_in(&parent)
