@@ -6,6 +6,12 @@
 //! Errors are the one enum [`Error`], which wraps the errors of the other crates as sources.
 #![doc(test(attr(deny(warnings))))]
 
+pub mod base;
+mod detector;
 mod error;
+pub mod synthetic;
+pub mod task;
 
+pub use detector::UnwantedWords;
 pub use error::{Error, Result};
+pub use task::{AnnotatedResponse, Split, SuppressionTask};
