@@ -6,11 +6,15 @@
 //! Errors are the one enum [`Error`], which wraps the errors of the other crates as sources.
 #![doc(test(attr(deny(warnings))))]
 
+pub mod annotate;
 pub mod base;
 mod detector;
 mod error;
+pub mod memory;
+pub mod metrics;
 pub mod synthetic;
 pub mod task;
+pub mod user_data;
 
 pub use detector::UnwantedWords;
 pub use error::{Error, Result};
