@@ -11,6 +11,7 @@ pub mod base;
 mod detector;
 mod error;
 pub mod memory;
+pub mod methods;
 pub mod metrics;
 pub mod synthetic;
 pub mod task;
