@@ -21,6 +21,7 @@ enum Command {
     Info(cli::info::InfoArgs),
     Score(cli::score::ScoreArgs),
     Generate(cli::generate::GenerateArgs),
+    Compare(cli::compare::CompareArgs),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +36,6 @@ fn main() -> Result<()> {
         Command::Info(args) => cli::info::run(&args),
         Command::Score(args) => cli::score::run(&args),
         Command::Generate(args) => cli::generate::run(&args),
+        Command::Compare(args) => cli::compare::run(&args),
     }
 }

@@ -8,11 +8,15 @@
 
 pub mod annotate;
 pub mod base;
+pub mod compare;
 mod detector;
 mod error;
 pub mod memory;
 pub mod methods;
 pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod report;
 pub mod synthetic;
 pub mod task;
 pub mod user_data;
