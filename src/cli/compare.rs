@@ -146,7 +146,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             run_comparison(model.as_dyn(), info, &task, &cfg, progress)?
         }
         _ => {
-            let cache = args.cache_dir.clone().unwrap_or_else(amend::eval::base::default_model_cache);
+            let cache =
+                args.cache_dir.clone().unwrap_or_else(amend::eval::base::default_model_cache);
             run_synthetic(&cfg, &cache, progress)?
         }
     };

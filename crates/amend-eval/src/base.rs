@@ -36,13 +36,7 @@ pub fn default_model_cache() -> PathBuf {
 pub fn base_recipe(seed: u64) -> TinyRecipe {
     TinyRecipe {
         tokenizer: TokenizerRecipe { vocab_size: 512, min_frequency: 2 },
-        model: TinyModelRecipe {
-            n_layer: 2,
-            n_head: 4,
-            n_embd: 64,
-            n_positions: 64,
-            dropout: 0.0,
-        },
+        model: TinyModelRecipe { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 64, dropout: 0.0 },
         train: TinyTrainRecipe {
             steps: 1200,
             batch_size: 32,
@@ -59,13 +53,7 @@ pub fn base_recipe(seed: u64) -> TinyRecipe {
 pub fn quick_base_recipe(seed: u64) -> TinyRecipe {
     TinyRecipe {
         tokenizer: TokenizerRecipe { vocab_size: 512, min_frequency: 2 },
-        model: TinyModelRecipe {
-            n_layer: 2,
-            n_head: 4,
-            n_embd: 64,
-            n_positions: 64,
-            dropout: 0.0,
-        },
+        model: TinyModelRecipe { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 64, dropout: 0.0 },
         train: TinyTrainRecipe {
             steps: 400,
             batch_size: 32,

@@ -79,7 +79,8 @@ pub fn plottable(results: &CompareResults) -> bool {
     results.base_metrics.unwanted_rate.is_some() && results.base_metrics.kl_ideal.is_some()
 }
 
-type DrawResult<T, DB> = std::result::Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+type DrawResult<T, DB> =
+    std::result::Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 fn draw<DB: DrawingBackend>(
     results: &CompareResults,
@@ -189,7 +190,10 @@ fn draw<DB: DrawingBackend>(
                 0 => chart.draw_series(std::iter::once(Circle::new(at, 5, style)))?,
                 1 => chart.draw_series(std::iter::once(TriangleMarker::new(at, 6, style)))?,
                 _ => chart.draw_series(std::iter::once(Rectangle::new(
-                    [(at.0 - x_max * 0.005, at.1 - y_max * 0.008), (at.0 + x_max * 0.005, at.1 + y_max * 0.008)],
+                    [
+                        (at.0 - x_max * 0.005, at.1 - y_max * 0.008),
+                        (at.0 + x_max * 0.005, at.1 + y_max * 0.008),
+                    ],
                     style,
                 )))?,
             };
@@ -208,7 +212,11 @@ fn draw<DB: DrawingBackend>(
         )))?;
     }
     // The base model and the ideal update.
-    chart.draw_series(std::iter::once(Cross::new((clip(base_kl), base_rate), 9, BLACK.stroke_width(3))))?;
+    chart.draw_series(std::iter::once(Cross::new(
+        (clip(base_kl), base_rate),
+        9,
+        BLACK.stroke_width(3),
+    )))?;
     chart.draw_series(std::iter::once(Text::new(
         "base p°",
         (clip(base_kl) + x_max * 0.012, base_rate + y_max * 0.012),

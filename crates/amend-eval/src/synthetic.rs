@@ -57,28 +57,80 @@ const INSTRUCTIONS: &[&str] = &[
 ];
 
 const ANIMALS: &[&str] = &[
-    "the fox", "the cat", "the dog", "the owl", "the horse", "the rabbit", "the goat", "the duck",
-    "the bear", "the mouse", "the frog", "the deer", "the wolf", "the hen", "the sheep", "the crow",
-    "the otter", "the badger", "the squirrel", "the pig",
+    "the fox",
+    "the cat",
+    "the dog",
+    "the owl",
+    "the horse",
+    "the rabbit",
+    "the goat",
+    "the duck",
+    "the bear",
+    "the mouse",
+    "the frog",
+    "the deer",
+    "the wolf",
+    "the hen",
+    "the sheep",
+    "the crow",
+    "the otter",
+    "the badger",
+    "the squirrel",
+    "the pig",
 ];
 const PEOPLE: &[&str] = &[
-    "the baker", "the farmer", "the teacher", "the sailor", "the painter", "the doctor",
-    "the miller", "the child", "the king", "the queen", "anna", "ben", "clara", "david", "emma",
-    "felix", "grace", "hugo",
+    "the baker",
+    "the farmer",
+    "the teacher",
+    "the sailor",
+    "the painter",
+    "the doctor",
+    "the miller",
+    "the child",
+    "the king",
+    "the queen",
+    "anna",
+    "ben",
+    "clara",
+    "david",
+    "emma",
+    "felix",
+    "grace",
+    "hugo",
 ];
 const PLACES: &[&str] = &[
-    "the garden", "the river", "the forest", "the village", "the market", "the harbor",
-    "the mountain", "the bridge", "the castle", "the meadow", "the library", "the station",
+    "the garden",
+    "the river",
+    "the forest",
+    "the village",
+    "the market",
+    "the harbor",
+    "the mountain",
+    "the bridge",
+    "the castle",
+    "the meadow",
+    "the library",
+    "the station",
 ];
 const FOODS: &[&str] = &[
-    "the bread", "the soup", "the apples", "the cheese", "the honey", "the rice", "the pears",
-    "the cake", "the tea", "the plums", "the carrots", "the beans",
+    "the bread",
+    "the soup",
+    "the apples",
+    "the cheese",
+    "the honey",
+    "the rice",
+    "the pears",
+    "the cake",
+    "the tea",
+    "the plums",
+    "the carrots",
+    "the beans",
 ];
 
 const ADJ: &[&str] = &[
     "small", "large", "red", "blue", "green", "quiet", "loud", "old", "young", "bright", "dark",
-    "happy", "tired", "clever", "gentle", "brave", "soft", "warm", "cold", "quick", "slow",
-    "shy", "proud", "calm", "busy", "lazy", "wise", "silly", "tiny", "golden",
+    "happy", "tired", "clever", "gentle", "brave", "soft", "warm", "cold", "quick", "slow", "shy",
+    "proud", "calm", "busy", "lazy", "wise", "silly", "tiny", "golden",
 ];
 const NOUN: &[&str] = &[
     "stone", "lamp", "hat", "book", "boat", "window", "basket", "ball", "rope", "bell", "cup",
@@ -107,17 +159,29 @@ const VERB_I: &[&str] = &[
     "jumps", "listens", "wanders", "smiles", "hums",
 ];
 const VERB_T: &[&str] = &[
-    "sees", "likes", "follows", "finds", "helps", "watches", "paints", "carries", "visits",
-    "hears", "calls", "remembers", "holds", "counts", "cleans",
+    "sees",
+    "likes",
+    "follows",
+    "finds",
+    "helps",
+    "watches",
+    "paints",
+    "carries",
+    "visits",
+    "hears",
+    "calls",
+    "remembers",
+    "holds",
+    "counts",
+    "cleans",
 ];
 const NAMES: &[&str] = &["anna", "ben", "clara", "david", "emma", "felix", "grace", "hugo"];
 const TASTE: &[&str] = &[
     "sweet", "fresh", "warm", "salty", "soft", "crisp", "ripe", "sour", "rich", "mild", "spicy",
     "plain",
 ];
-const PLACE_THINGS: &[&str] = &[
-    "people", "children", "travelers", "birds", "farmers", "sailors", "painters", "friends",
-];
+const PLACE_THINGS: &[&str] =
+    &["people", "children", "travelers", "birds", "farmers", "sailors", "painters", "friends"];
 const PLACE_VERBS: &[&str] =
     &["meet", "rest", "sing", "wait", "walk", "talk", "play", "gather", "dance"];
 
@@ -328,7 +392,11 @@ impl SyntheticTask {
         if cfg.eval_prompts >= capable.len() {
             return Err(invalid(
                 "eval_prompts",
-                format!("{} leaves no training prompt (there are {})", cfg.eval_prompts, capable.len()),
+                format!(
+                    "{} leaves no training prompt (there are {})",
+                    cfg.eval_prompts,
+                    capable.len()
+                ),
             ));
         }
         if cfg.control_prompts > food.len() {
@@ -471,7 +539,8 @@ fn response(prompt: &SyntheticPrompt, unwanted: bool, rng: &mut Xoshiro256PlusPl
     } else {
         None
     };
-    let adj_slots = first.matches("{ADJ}").count() + second.map_or(0, |s| s.matches("{ADJ}").count());
+    let adj_slots =
+        first.matches("{ADJ}").count() + second.map_or(0, |s| s.matches("{ADJ}").count());
     // Which slot (if any) the unwanted word takes, and whether it opens the response.
     let (u_slot, interjection) = if unwanted {
         if adj_slots > 0 && rng.random_bool(0.7) {
@@ -565,7 +634,10 @@ mod tests {
         }
         let det = t.detector.as_ref().unwrap();
         assert!(t.heldout_texts.iter().all(|(_, r)| !det.is_unwanted(r)));
-        assert_eq!(t, SyntheticTask::new(SyntheticTaskConfig::default()).unwrap().suppression_task());
+        assert_eq!(
+            t,
+            SyntheticTask::new(SyntheticTaskConfig::default()).unwrap().suppression_task()
+        );
         let other = SyntheticTask::new(SyntheticTaskConfig { seed: 1, ..Default::default() })
             .unwrap()
             .suppression_task();
