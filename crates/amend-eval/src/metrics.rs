@@ -97,6 +97,35 @@ impl Estimate {
     }
 }
 
+/// The rejection-sampling estimate of `KL(p*‖p_new)` (see the [module docs](self)).
+///
+/// `prompts[i] = (accepted, drawn)`: the `(log p°(y|x_i), log p_new(y|x_i))` of the accepted
+/// samples (`y ∉ U`) among the `drawn` samples of `p°` for prompt `x_i`. Prompts without an
+/// accepted sample are left out; `None` when no prompt is left.
+///
+/// ```text
+/// K̂_i = mean_{accepted} [log p° − log p_new] − log(a_i/drawn_i);   estimate = mean_i K̂_i ± sd/√P′
+/// ```
+///
+/// ```
+/// use amend_eval::metrics::kl_ideal_estimate;
+/// // p_new = p°: only −log Ẑ is left (here 3 of 4 samples accepted).
+/// let e = kl_ideal_estimate(&[(vec![(-1.0, -1.0), (-2.0, -2.0), (-3.0, -3.0)], 4)]).unwrap();
+/// assert!((e.value - (4.0f64 / 3.0).ln()).abs() < 1e-12);
+/// ```
+pub fn kl_ideal_estimate(prompts: &[(Vec<(f64, f64)>, usize)]) -> Option<Estimate> {
+    let per_prompt: Vec<f64> = prompts
+        .iter()
+        .filter(|(acc, drawn)| !acc.is_empty() && *drawn >= acc.len())
+        .map(|(acc, drawn)| {
+            let a = acc.len() as f64;
+            let diff: f64 = acc.iter().map(|(b, n)| b - n).sum();
+            diff / a - (a / *drawn as f64).ln()
+        })
+        .collect();
+    Estimate::mean_of(&per_prompt)
+}
+
 /// Evaluation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -271,7 +300,9 @@ impl Evaluator {
                 }
                 let (ids, starts): (Vec<_>, Vec<_>) = seqs.into_iter().unzip();
                 let lps = score_sum(base, &ids, &starts, cfg.score_batch_size)?;
-                for ((ids, start), (lp, o)) in ids.into_iter().zip(starts).zip(lps.into_iter().zip(owner)) {
+                for ((ids, start), (lp, o)) in
+                    ids.into_iter().zip(starts).zip(lps.into_iter().zip(owner))
+                {
                     rejection[o].accepted.push(ScoredSeq { ids, start, base_logp: lp });
                 }
                 facts.rejection_samples = prompts.len();
@@ -324,7 +355,8 @@ impl Evaluator {
                 .into_iter()
                 .flat_map(|ids| std::iter::repeat_n(ids, m))
                 .collect();
-            let g = sampling_config(base, cfg.max_new_tokens, 1.0, seed ^ 0xc0_17_0001, cfg.batch_size);
+            let g =
+                sampling_config(base, cfg.max_new_tokens, 1.0, seed ^ 0xc0_17_0001, cfg.batch_size);
             let gens = generate_ids(base, &prompts, &g)?;
             let mut ids = Vec::new();
             let mut starts = Vec::new();
@@ -344,7 +376,8 @@ impl Evaluator {
             facts.control_samples = gens.len();
             control = per_prompt;
         }
-        // Held-out texts.
+        // Held-out texts (those longer than the model's positions are left out).
+        let max_len = crate::annotate::max_positions(base);
         let eos = tok.eos_token_ids().first().copied();
         let mut heldout = Vec::new();
         for (p, r) in &task.heldout_texts {
@@ -352,7 +385,7 @@ impl Evaluator {
             let start = ids.len();
             ids.extend(tok.encode(r, false)?);
             ids.extend(eos);
-            if ids.len() > start && start > 0 {
+            if ids.len() > start && start > 0 && ids.len() <= max_len {
                 heldout.push((ids, start));
             }
         }
@@ -365,11 +398,11 @@ impl Evaluator {
             if r.is_unwanted() {
                 let neg: Vec<usize> =
                     weights.iter().enumerate().filter(|(_, w)| **w < 0).map(|(i, _)| i).collect();
-                if !neg.is_empty() && start > 0 {
+                if !neg.is_empty() && start > 0 && ids.len() <= max_len {
                     facts.heldout_unwanted_tokens += neg.len();
                     heldout_unwanted.push((ids, start, neg));
                 }
-            } else if ids.len() > start && start > 0 {
+            } else if ids.len() > start && start > 0 && ids.len() <= max_len {
                 heldout.push((ids, start));
             }
         }
@@ -455,20 +488,19 @@ impl Evaluator {
                 .unzip();
             let lps = score_sum(model, &ids, &starts, cfg.score_batch_size)?;
             let mut it = lps.into_iter();
-            let mut per_prompt = Vec::new();
-            for r in &self.rejection {
-                if r.accepted.is_empty() {
-                    continue;
-                }
-                let a = r.accepted.len() as f64;
-                let diff: f64 = r
-                    .accepted
-                    .iter()
-                    .map(|s| s.base_logp - it.next().unwrap_or(f64::NAN))
-                    .sum::<f64>();
-                per_prompt.push(diff / a - (a / r.drawn as f64).ln());
-            }
-            out.kl_ideal = Estimate::mean_of(&per_prompt);
+            let prompts: Vec<(Vec<(f64, f64)>, usize)> = self
+                .rejection
+                .iter()
+                .map(|r| {
+                    let pairs = r
+                        .accepted
+                        .iter()
+                        .map(|s| (s.base_logp, it.next().unwrap_or(f64::NAN)))
+                        .collect();
+                    (pairs, r.drawn)
+                })
+                .collect();
+            out.kl_ideal = kl_ideal_estimate(&prompts);
         }
         // KL(p°‖p_new) on control prompts.
         if !self.control.is_empty() {
@@ -517,6 +549,47 @@ impl Evaluator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The estimator against the exact KL of a categorical toy: p° over 6 outcomes, U = {0, 1}.
+    #[test]
+    fn kl_ideal_estimate_matches_the_exact_value() {
+        use rand::{RngExt, SeedableRng};
+        let p0 = [0.15, 0.05, 0.3, 0.2, 0.2, 0.1];
+        let pn = [0.01, 0.01, 0.2, 0.38, 0.3, 0.1];
+        let z: f64 = p0[2..].iter().sum();
+        let exact: f64 = (2..6).map(|y| (p0[y] / z) * ((p0[y] / z) / pn[y]).ln()).sum();
+        let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(7);
+        let (prompts_n, m) = (400, 64);
+        let prompts: Vec<(Vec<(f64, f64)>, usize)> = (0..prompts_n)
+            .map(|_| {
+                let acc = (0..m)
+                    .filter_map(|_| {
+                        let u: f64 = rng.random();
+                        let mut c = 0.0;
+                        let y = p0.iter().position(|&p| {
+                            c += p;
+                            u < c
+                        })?;
+                        (y >= 2).then(|| (p0[y].ln(), pn[y].ln()))
+                    })
+                    .collect();
+                (acc, m)
+            })
+            .collect();
+        let e = kl_ideal_estimate(&prompts).unwrap();
+        // The plug-in −log Ẑ over-estimates by about (1 − Z)/(2mZ) ≈ 0.002.
+        assert!((e.value - exact).abs() < 4.0 * e.se + 0.003, "{e:?} vs {exact}");
+        assert!(e.se < 0.01);
+        // With p_new = p° only −log Ẑ remains, close to KL(p*‖p°) = −log Z.
+        let same: Vec<(Vec<(f64, f64)>, usize)> = prompts
+            .iter()
+            .map(|(acc, m)| (acc.iter().map(|&(b, _)| (b, b)).collect(), *m))
+            .collect();
+        let e0 = kl_ideal_estimate(&same).unwrap();
+        assert!((e0.value + z.ln()).abs() < 4.0 * e0.se + 0.003, "{e0:?} vs {}", -z.ln());
+        // Prompts without an accepted sample are left out.
+        assert!(kl_ideal_estimate(&[(vec![], 8)]).is_none());
+    }
 
     #[test]
     fn estimates() {
