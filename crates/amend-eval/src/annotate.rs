@@ -106,6 +106,8 @@ pub struct DataStats {
     pub negative_unwanted: usize,
     /// Given dataset responses used for training.
     pub dataset_samples: usize,
+    /// Given responses left out because prompt + response exceed the model's positions.
+    pub too_long: usize,
     /// Prompt groups with a clean and an unwanted response.
     pub usable_groups: usize,
     /// Responses in usable groups (clean + unwanted).
@@ -184,10 +186,7 @@ pub fn token_offsets(tok: &amend_models::Tokenizer, ids: &[u32]) -> Result<Vec<(
 
 /// Token weights of a response with unwanted byte `spans` in its decoded text: −1 on tokens
 /// overlapping a span, +1 elsewhere.
-pub fn weights_from_spans(
-    offsets: &[(usize, usize)],
-    spans: &[std::ops::Range<usize>],
-) -> Vec<i8> {
+pub fn weights_from_spans(offsets: &[(usize, usize)], spans: &[std::ops::Range<usize>]) -> Vec<i8> {
     offsets
         .iter()
         .map(|&(s, e)| {
@@ -195,6 +194,11 @@ pub fn weights_from_spans(
             if hit { -1 } else { 1 }
         })
         .collect()
+}
+
+/// The model's position limit (`usize::MAX` when it has none).
+pub(crate) fn max_positions<M: CausalLm + ?Sized>(model: &M) -> usize {
+    model.config().max_positions().unwrap_or(usize::MAX)
 }
 
 /// Generation settings for sampling `p°` (temperature `t`, stop at the tokenizer's EOS ids).
@@ -324,6 +328,10 @@ pub fn sample_training_data<M: CausalLm + ?Sized>(
         let g = group_index(&mut data, &r.prompt);
         let (prompt_ids, response_ids, weights) = crate::user_data::encode_annotated(tok, r)?;
         if response_ids.is_empty() {
+            continue;
+        }
+        if prompt_ids.len() + response_ids.len() > max_positions(base) {
+            data.stats.too_long += 1;
             continue;
         }
         data.samples.push(Sample {

@@ -20,8 +20,8 @@ use amend_models::recipe::{TinyModelReport, TinyRecipe};
 use serde::{Deserialize, Serialize};
 
 use crate::annotate::{DataStats, SamplingConfig, sample_training_data};
-use crate::metrics::{BaseFacts, EvalConfig, Evaluator, PointMetrics, Skipped};
 use crate::methods::{Budget, Method, TrainStats, train_method};
+use crate::metrics::{BaseFacts, EvalConfig, Evaluator, PointMetrics, Skipped};
 use crate::synthetic::{SyntheticTask, SyntheticTaskConfig};
 use crate::task::SuppressionTask;
 use crate::{Result, memory};
@@ -401,6 +401,7 @@ pub fn run_comparison(
     if let Some(n) = cfg.threads {
         tch::set_num_threads(n);
     }
+    let cfg = &fit_lengths(base, task, cfg)?;
     progress.phase("sampling and annotating training data from the base model");
     let data = sample_training_data(base, task, &cfg.sampling, cfg.seed, &|m| progress.phase(m))?;
     progress.phase("sampling the base model for the metrics (rejection sampler, control prompts)");
@@ -487,6 +488,45 @@ pub fn run_comparison(
     results.select_best();
     progress.finish();
     Ok(results)
+}
+
+/// `cfg` with `max_new_tokens` lowered so that the longest prompt plus the response fits the
+/// model's positions (the effective values are what `results.json` records).
+///
+/// # Errors
+/// [`crate::Error::InvalidInput`] when a prompt leaves no room for a response; tokenizer errors.
+fn fit_lengths(
+    base: &dyn CausalLm,
+    task: &SuppressionTask,
+    cfg: &CompareConfig,
+) -> Result<CompareConfig> {
+    let mut cfg = cfg.clone();
+    let (Some(max), Some(tok)) = (base.config().max_positions(), base.tokenizer()) else {
+        return Ok(cfg);
+    };
+    let prefix = task.negative_prefix.clone().unwrap_or_default();
+    let mut longest = 0;
+    for p in task.train_prompts.iter().chain(&task.eval_prompts).chain(&task.control_prompts) {
+        longest = longest.max(tok.encode(p, true)?.len());
+    }
+    if !prefix.is_empty() {
+        for p in &task.train_prompts {
+            longest = longest.max(tok.encode(&format!("{prefix}{p}"), true)?.len());
+        }
+    }
+    if longest + 1 > max {
+        return Err(crate::Error::InvalidInput {
+            op: "run_comparison",
+            name: "prompts".into(),
+            reason: format!(
+                "the longest prompt has {longest} tokens and the model only {max} positions"
+            ),
+        });
+    }
+    let room = max - longest;
+    cfg.sampling.max_new_tokens = cfg.sampling.max_new_tokens.min(room);
+    cfg.eval.max_new_tokens = cfg.eval.max_new_tokens.min(room);
+    Ok(cfg)
 }
 
 /// An error and its sources, `": "`-separated (for the report).
