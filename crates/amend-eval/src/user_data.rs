@@ -92,7 +92,11 @@ pub fn load_jsonl(path: &Path) -> Result<SuppressionTask> {
         }
         let Some(prompt) = line.prompt else {
             if line.response.is_some() || line.unwanted_spans.is_some() || line.split.is_some() {
-                return Err(bad(path, n, "`response`, `unwanted_spans` and `split` need a `prompt`"));
+                return Err(bad(
+                    path,
+                    n,
+                    "`response`, `unwanted_spans` and `split` need a `prompt`",
+                ));
             }
             continue;
         };
@@ -204,5 +208,86 @@ mod tests {
         assert_eq!(char_to_byte_range("aéb", 0, 3), Some(0..4));
         assert_eq!(char_to_byte_range("aéb", 2, 4), None);
         assert_eq!(char_to_byte_range("aéb", 2, 2), None);
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SuppressionTask> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.jsonl");
+        std::fs::write(&path, text).unwrap();
+        load_jsonl(&path)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/compare/example-data.jsonl");
+        let t = load_jsonl(&path).unwrap();
+        assert_eq!(t.detector.as_ref().unwrap().words(), ["darn", "heck"]);
+        assert_eq!(t.negative_prefix.as_deref(), Some("Rudely: "));
+        assert_eq!(t.train_prompts, ["Describe rain.", "Greet me.", "Name a color."]);
+        assert_eq!(t.eval_prompts, ["Name a fruit.", "Name a tool.", "Name a tree."]);
+        assert_eq!(t.control_prompts, ["Count to three.", "Spell cat."]);
+        assert_eq!(t.responses.len(), 8);
+        // Explicit character spans and spans found by the word list.
+        assert_eq!(t.responses[0].unwanted_spans, vec![8..12]);
+        assert_eq!(t.responses[2].unwanted_spans, vec![1..5]);
+        assert!(!t.responses[3].is_unwanted());
+        let eval: Vec<_> = t.responses.iter().filter(|r| r.split == Split::Eval).collect();
+        assert_eq!(eval.len(), 2);
+        assert_eq!(&eval[1].response[eval[1].unwanted_spans[0].clone()], "heck");
+    }
+
+    #[test]
+    fn character_spans_become_byte_ranges() {
+        let t =
+            parse(r#"{"prompt": "p", "response": "é darn", "unwanted_spans": [[2, 6]]}"#).unwrap();
+        let r = &t.responses[0];
+        assert_eq!(&r.response[r.unwanted_spans[0].clone()], "darn");
+    }
+
+    #[test]
+    fn malformed_files_name_the_line() {
+        let cases = [
+            ("{\"prompt\": \"a\", \"respnse\": \"x\"}", 1, "unknown field"),
+            (
+                "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"response\": \"xy\", \"unwanted_spans\": [[1, 5]]}",
+                2,
+                "outside",
+            ),
+            (
+                "{\"unwanted_words\": [\"a\"]}\n{\"unwanted_words\": [\"b\"]}\n{\"prompt\": \"a\"}",
+                2,
+                "twice",
+            ),
+            ("{\"prompt\": \"a\", \"split\": \"control\", \"response\": \"x\"}", 1, "control"),
+            ("{\"prompt\": \"a\", \"split\": \"test\"}", 1, "unknown split"),
+            ("{\"prompt\": \"a\", \"unwanted_spans\": [[0, 1]]}", 1, "without `response`"),
+            ("{\"response\": \"x\"}", 1, "need a `prompt`"),
+            ("not json", 1, "expected"),
+            ("{\"prompt\": \"a\", \"split\": \"eval\"}", 0, "no training"),
+            (
+                "{\"prompt\": \"a\"}\n{\"prompt\": \"a\", \"split\": \"eval\"}",
+                0,
+                "both train and eval",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            match parse(text) {
+                Err(Error::Data { line: l, reason, .. }) => {
+                    assert_eq!(l, line, "{text}: {reason}");
+                    assert!(reason.contains(needle), "{text}: {reason}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("{\"unwanted_words\": [\"two words\"]}\n{\"prompt\": \"a\"}"),
+            Err(Error::InvalidInput { .. })
+        ));
     }
 }
