@@ -32,7 +32,7 @@
 //! [`neat_loss`]: amend_losses::neat_loss
 
 use amend_losses::{
-    Candidates, CandidateSet, CpConfig, CpGroups, DpoConfig, EmptyPolicy, LossOutput, NeatConfig,
+    CandidateSet, Candidates, CpConfig, CpGroups, DpoConfig, EmptyPolicy, LossOutput, NeatConfig,
     NlConfig, NpoConfig, Origin, Reduction, RrhfConfig, SeqLogps, SeqLogpsConfig, TntConfig,
     TntVariant, TokenWeights, UlAnnotatedConfig, WelleckUlConfig, contrastive_perplexity_loss,
     cp_phi_from_logps, dpo_loss, neat_loss, nl_loss, npo_loss, rrhf_loss, seq_logps, tnt_loss,
@@ -40,9 +40,9 @@ use amend_losses::{
 };
 use amend_models::CausalLm;
 use amend_models::train::{AdamWConfig, ScheduleKind, TrainConfig, Trainer};
+use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -332,7 +332,11 @@ fn ragged(groups: &[Vec<usize>]) -> Result<(Tensor, Tensor, i64)> {
         }
     }
     let shape = [groups.len() as i64, k as i64];
-    Ok((Tensor::f_from_slice(&idx)?.f_view(shape)?, Tensor::f_from_slice(&mask)?.f_view(shape)?, k as i64))
+    Ok((
+        Tensor::f_from_slice(&idx)?.f_view(shape)?,
+        Tensor::f_from_slice(&mask)?.f_view(shape)?,
+        k as i64,
+    ))
 }
 
 fn gather2d(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
@@ -361,27 +365,40 @@ fn step_loss(
     Ok(match method {
         m if m.is_tnt() => {
             let w = TokenWeights::new(&batch.weights)?;
-            let z_ref = base.forward_no_grad(&batch.ids, Some(&batch.attn))?.f_narrow(1, 0, t - 1)?;
+            let z_ref =
+                base.forward_no_grad(&batch.ids, Some(&batch.attn))?.f_narrow(1, 0, t - 1)?;
             // Invariant: `is_tnt` holds, so the variant exists.
             let variant = m.tnt_variant().unwrap_or(TntVariant::Ff);
-            let cfg = TntConfig { variant, alpha: strength, reduction: mean, ..TntConfig::default() };
+            let cfg =
+                TntConfig { variant, alpha: strength, reduction: mean, ..TntConfig::default() };
             tnt_loss(&z, &z_ref, &labels, &w, &cfg)?
         }
         Method::Nl => {
             let w = TokenWeights::new(&batch.weights)?;
-            nl_loss(&z, &labels, &w, &NlConfig { alpha: strength, reduction: mean, ..NlConfig::default() })?
+            nl_loss(
+                &z,
+                &labels,
+                &w,
+                &NlConfig { alpha: strength, reduction: mean, ..NlConfig::default() },
+            )?
         }
         Method::Ul => {
             let w = TokenWeights::new(&batch.weights)?;
-            let cfg = UlAnnotatedConfig { alpha: strength, reduction: mean, ..UlAnnotatedConfig::default() };
+            let cfg = UlAnnotatedConfig {
+                alpha: strength,
+                reduction: mean,
+                ..UlAnnotatedConfig::default()
+            };
             ul_annotated_loss(&z, &labels, &w, &cfg)?
         }
         Method::WelleckUl => {
             let positive = batch.weights.f_gt(0.0)?;
             let labels_pos = labels.f_where_scalarother(&positive, -100)?;
             let (r, k) = (labels.size()[0], candidates.size()[0]);
-            let cand = candidates.f_view([1, 1, k])?.f_expand([r, t - 1, k], false)?.f_contiguous()?;
-            let cfg = WelleckUlConfig { alpha: strength, reduction: mean, ..WelleckUlConfig::default() };
+            let cand =
+                candidates.f_view([1, 1, k])?.f_expand([r, t - 1, k], false)?.f_contiguous()?;
+            let cfg =
+                WelleckUlConfig { alpha: strength, reduction: mean, ..WelleckUlConfig::default() };
             welleck_ul_loss(&z, &labels_pos, None, Candidates::Explicit(&cand), &cfg)?
         }
         _ => {
@@ -394,12 +411,21 @@ fn step_loss(
             let grp = |g: usize| &data.groups[g];
             match method {
                 Method::Npo => {
-                    let forget: Vec<usize> =
-                        groups.iter().flat_map(|&g| grp(g).unwanted.iter().map(|&s| row_of(s))).collect();
-                    let retain: Vec<usize> =
-                        groups.iter().flat_map(|&g| grp(g).clean.iter().map(|&s| row_of(s))).collect();
+                    let forget: Vec<usize> = groups
+                        .iter()
+                        .flat_map(|&g| grp(g).unwanted.iter().map(|&s| row_of(s)))
+                        .collect();
+                    let retain: Vec<usize> = groups
+                        .iter()
+                        .flat_map(|&g| grp(g).clean.iter().map(|&s| row_of(s)))
+                        .collect();
                     let cfg = NpoConfig { beta: strength, ..NpoConfig::default() };
-                    npo_loss(&subset(&lp, &forget)?, &refs(&forget)?, Some(&subset(&lp, &retain)?), &cfg)?
+                    npo_loss(
+                        &subset(&lp, &forget)?,
+                        &refs(&forget)?,
+                        Some(&subset(&lp, &retain)?),
+                        &cfg,
+                    )?
                 }
                 Method::Dpo => {
                     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
@@ -420,8 +446,11 @@ fn step_loss(
                     )?
                 }
                 Method::Cp => {
-                    let (phi, _) =
-                        cp_phi_from_logps(&lp, amend_losses::CpStatistic::LogPpl, EmptyPolicy::Error)?;
+                    let (phi, _) = cp_phi_from_logps(
+                        &lp,
+                        amend_losses::CpStatistic::LogPpl,
+                        EmptyPolicy::Error,
+                    )?;
                     let pos: Vec<Vec<usize>> = groups
                         .iter()
                         .map(|&g| grp(g).clean.iter().map(|&s| row_of(s)).collect())
@@ -434,7 +463,10 @@ fn step_loss(
                     let (ni, nm, _) = ragged(&neg)?;
                     let (pp, pn) = (gather2d(&phi, &pi)?, gather2d(&phi, &ni)?);
                     let cfg = CpConfig { tau: strength, alpha: Some(1.0), ..CpConfig::default() };
-                    contrastive_perplexity_loss(&CpGroups::new(&pp, &pn).with_masks(&pm, &nm), &cfg)?
+                    contrastive_perplexity_loss(
+                        &CpGroups::new(&pp, &pn).with_masks(&pm, &nm),
+                        &cfg,
+                    )?
                 }
                 Method::Rrhf | Method::Neat => {
                     let neat = method == Method::Neat;
@@ -464,15 +496,21 @@ fn step_loss(
                     let (ci, cm, k) = ragged(&cand)?;
                     let flat_r: Vec<f32> = rewards
                         .iter()
-                        .flat_map(|r| (0..k as usize).map(move |j| r.get(j).copied().unwrap_or(0.0)))
+                        .flat_map(|r| {
+                            (0..k as usize).map(move |j| r.get(j).copied().unwrap_or(0.0))
+                        })
                         .collect();
                     let flat_o: Vec<Origin> = origins
                         .iter()
-                        .flat_map(|o| (0..k as usize).map(move |j| o.get(j).copied().unwrap_or(Origin::Policy)))
+                        .flat_map(|o| {
+                            (0..k as usize)
+                                .map(move |j| o.get(j).copied().unwrap_or(Origin::Policy))
+                        })
                         .collect();
                     let rw = Tensor::f_from_slice(&flat_r)?.f_view([cand.len() as i64, k])?;
-                    let set = CandidateSet::new(&gather2d(&lp.sum, &ci)?, &gather2d(&lp.len, &ci)?, &rw)?
-                        .with_mask(&cm)?;
+                    let set =
+                        CandidateSet::new(&gather2d(&lp.sum, &ci)?, &gather2d(&lp.len, &ci)?, &rw)?
+                            .with_mask(&cm)?;
                     if neat {
                         let cfg = NeatConfig { rank_weight: strength, ..NeatConfig::default() };
                         neat_loss(&set.with_origins(&flat_o)?, &cfg)?
@@ -608,4 +646,70 @@ pub fn train_method(
     stats.final_metrics = tail.to_means();
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((model, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotate::Sample;
+
+    fn sample(prompt: &[u32], response: &[u32], weights: &[i8]) -> Sample {
+        Sample {
+            group: 0,
+            origin: SampleOrigin::Policy,
+            prompt_ids: prompt.to_vec(),
+            response_ids: response.to_vec(),
+            text: String::new(),
+            weights: weights.to_vec(),
+            unwanted: weights.contains(&-1),
+            ref_logp: 0.0,
+        }
+    }
+
+    /// The weight of response token k sits at shifted position k − 1, where logits[k − 1]
+    /// predict it; prompt and padding positions are 0 and masked.
+    #[test]
+    fn batches_align_weights_with_shifted_labels() {
+        let data = TrainingData {
+            samples: vec![sample(&[9, 5], &[7, 8, 0], &[1, -1, 1]), sample(&[9], &[6], &[1])],
+            ..TrainingData::default()
+        };
+        let b = build_batch(&data, &[0, 1], 3).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(b.ids.flatten(0, -1)).unwrap(),
+            [9, 5, 7, 8, 0, 9, 6, 3, 3, 3]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(b.attn.flatten(0, -1)).unwrap(),
+            [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(b.completion.flatten(0, -1)).unwrap(),
+            [0, 0, 1, 1, 1, 0, 1, 0, 0, 0]
+        );
+        // Labels are ids[:, 1:] = [5, 7, 8, 0] and [6, pad, pad, pad].
+        assert_eq!(
+            Vec::<f32>::try_from(b.weights.flatten(0, -1)).unwrap(),
+            [0.0, 1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn ragged_groups_are_masked() {
+        let (idx, mask, k) = ragged(&[vec![3, 1], vec![2]]).unwrap();
+        assert_eq!(k, 2);
+        assert_eq!(Vec::<i64>::try_from(idx.flatten(0, -1)).unwrap(), [3, 1, 2, 0]);
+        assert_eq!(Vec::<bool>::try_from(mask.flatten(0, -1)).unwrap(), [true, true, true, false]);
+    }
+
+    #[test]
+    fn method_names_round_trip() {
+        for m in Method::ALL {
+            assert_eq!(Method::parse(m.id()), Some(m));
+            assert_eq!(Method::parse(m.name()), Some(m));
+            assert_eq!(m.default_sweep().len(), 4);
+            assert_eq!(m.quick_sweep().len(), 2);
+        }
+        assert_eq!(Method::parse("nope"), None);
+    }
 }
