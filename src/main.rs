@@ -22,6 +22,7 @@ enum Command {
     Score(cli::score::ScoreArgs),
     Generate(cli::generate::GenerateArgs),
     Compare(cli::compare::CompareArgs),
+    Edit(cli::edit::EditArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +38,6 @@ fn main() -> Result<()> {
         Command::Score(args) => cli::score::run(&args),
         Command::Generate(args) => cli::generate::run(&args),
         Command::Compare(args) => cli::compare::run(&args),
+        Command::Edit(args) => cli::edit::run(&args),
     }
 }

@@ -13,10 +13,6 @@ pub struct InfoArgs {
 /// Runs `amend info`.
 pub fn run(args: &InfoArgs) -> Result<()> {
     let info = amend::runtime::RuntimeInfo::detect();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-    } else {
-        println!("{info}");
-    }
-    Ok(())
+    let text = if args.json { serde_json::to_string_pretty(&info)? } else { info.to_string() };
+    super::score::emit(&format!("{text}\n"))
 }

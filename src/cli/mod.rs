@@ -2,6 +2,7 @@
 //! arguments and calls into the library crates.
 
 pub mod compare;
+pub mod edit;
 pub mod generate;
 pub mod info;
 pub mod score;

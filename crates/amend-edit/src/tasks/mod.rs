@@ -1,0 +1,6 @@
+//! Embedded synthetic tasks with a known answer, used as the defaults of `amend edit` and by the
+//! comparison crate.
+
+pub mod facts;
+
+pub use facts::default_cache_dir;
