@@ -425,7 +425,8 @@ pub fn run_comparison(
                 memory: MemoryStats::default(),
                 error: None,
             };
-            progress.point_started(index, total, &point.label(), cfg.budget.steps);
+            let steps = if sweep.method.is_tuning_free() { 0 } else { cfg.budget.steps };
+            progress.point_started(index, total, &point.label(), steps);
             point.memory.rss_before_bytes = memory::current_rss_bytes();
             let can_reset = memory::reset_peak_rss();
             let trained = train_method(

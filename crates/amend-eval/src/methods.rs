@@ -21,6 +21,13 @@
 //! | RRHF | [`rrhf_loss`]: the prompt's responses as candidates, reward 1 clean / 0 unwanted, SFT on a clean one | rank weight |
 //! | NEAT | [`neat_loss`]: RRHF candidates plus the negative-prompt samples (scored without the prefix, forced lowest) | rank weight |
 //!
+//! ProFS is not trained: [`profs_method`] projects the unwanted subspace out of the MLP value
+//! weights ([`profs_edit`]), tuning-free, from preference pairs built from the same usable
+//! groups (each unwanted response paired with a clean response of its prompt, as for DPO). Its
+//! knob is the rank `k` of the projected subspace; the edited layers are
+//! [`profs_layers`] (the upper 60 % of the blocks, as in the reference ranges). The budget does
+//! not apply to it; its wall time is reported like the others'.
+//!
 //! [`tnt_loss`]: amend_losses::tnt_loss
 //! [`nl_loss`]: amend_losses::nl_loss
 //! [`ul_annotated_loss`]: amend_losses::ul_annotated_loss
@@ -30,7 +37,11 @@
 //! [`contrastive_perplexity_loss`]: amend_losses::contrastive_perplexity_loss
 //! [`rrhf_loss`]: amend_losses::rrhf_loss
 //! [`neat_loss`]: amend_losses::neat_loss
+//! [`profs_edit`]: amend_edit::profs::profs_edit
 
+use std::ops::Range;
+
+use amend_edit::profs::{PreferencePair, ProfsConfig, profs_edit};
 use amend_losses::{
     CandidateSet, Candidates, CpConfig, CpGroups, DpoConfig, EmptyPolicy, LossOutput, NeatConfig,
     NlConfig, NpoConfig, Origin, Reduction, RrhfConfig, SeqLogps, SeqLogpsConfig, TntConfig,
@@ -80,11 +91,13 @@ pub enum Method {
     Rrhf,
     /// NEAT: RRHF with negative-prompt candidates.
     Neat,
+    /// ProFS / DeTox projection of the MLP value weights (tuning-free edit, no training).
+    Profs,
 }
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 13] = [
+    pub const ALL: [Method; 14] = [
         Method::Tnff,
         Method::Tnrr,
         Method::Tnrf,
@@ -98,6 +111,7 @@ impl Method {
         Method::Cp,
         Method::Rrhf,
         Method::Neat,
+        Method::Profs,
     ];
 
     /// The display name (`"TNFF"`, `"Welleck UL"`).
@@ -116,6 +130,7 @@ impl Method {
             Method::Cp => "CP",
             Method::Rrhf => "RRHF",
             Method::Neat => "NEAT",
+            Method::Profs => "ProFS",
         }
     }
 
@@ -135,6 +150,7 @@ impl Method {
             Method::Cp => "cp",
             Method::Rrhf => "rrhf",
             Method::Neat => "neat",
+            Method::Profs => "profs",
         }
     }
 
@@ -148,6 +164,12 @@ impl Method {
     pub fn parse(s: &str) -> Option<Method> {
         let key = s.trim().to_ascii_lowercase().replace(['-', ' '], "_");
         Method::ALL.into_iter().find(|m| m.id() == key)
+    }
+
+    /// Whether the method edits the weights directly instead of training (ProFS): it takes no
+    /// optimizer steps and the [`Budget`] does not apply.
+    pub fn is_tuning_free(self) -> bool {
+        self == Method::Profs
     }
 
     /// Whether the method is one of the TNT losses.
@@ -166,9 +188,10 @@ impl Method {
         }
     }
 
-    /// The name of the strength knob (`"α"`, `"β"`, `"τ"`, `"rank weight"`).
+    /// The name of the strength knob (`"α"`, `"β"`, `"τ"`, `"rank weight"`, `"k"`).
     pub fn strength_name(self) -> &'static str {
         match self {
+            Method::Profs => "k",
             Method::Npo | Method::Dpo => "β",
             Method::Cp => "τ",
             Method::Rrhf | Method::Neat => "rank weight",
@@ -186,8 +209,10 @@ impl Method {
     /// | NPO, DPO | `β` (smaller is stronger) | 0.1, 1, 10, 100 |
     /// | CP | `τ` (the paper's temperature; `α = 1`) | 0.03, 0.1, 0.3, 1 |
     /// | RRHF, NEAT | rank weight (SFT weight 1) | 0.01, 0.1, 1, 10 |
+    /// | ProFS | rank `k` of the projected subspace | 1, 2, 4, 8 |
     pub fn default_sweep(self) -> Vec<f64> {
         match self {
+            Method::Profs => vec![1.0, 2.0, 4.0, 8.0],
             Method::Nl => vec![0.01, 0.1, 1.0, 10.0],
             Method::Npo | Method::Dpo => vec![0.1, 1.0, 10.0, 100.0],
             Method::Cp => vec![0.03, 0.1, 0.3, 1.0],
@@ -519,7 +544,13 @@ fn step_loss(
                         rrhf_loss(&set, &cfg)?
                     }
                 }
-                _ => unreachable!("token-level methods are handled above"),
+                _ => {
+                    return Err(Error::InvalidInput {
+                        op: "train_method",
+                        name: "method".into(),
+                        reason: format!("{method} has no training loss"),
+                    });
+                }
             }
         }
     })
@@ -541,6 +572,16 @@ pub fn train_method(
     seed: u64,
     on_step: &mut dyn FnMut(usize, f64),
 ) -> Result<(Box<dyn CausalLm>, TrainStats)> {
+    if method.is_tuning_free() {
+        if !(strength >= 1.0 && strength.fract() == 0.0 && strength < 1e9) {
+            return Err(Error::InvalidInput {
+                op: "train_method",
+                name: "strength".into(),
+                reason: format!("the ProFS rank k must be a positive integer, got {strength}"),
+            });
+        }
+        return profs_method(base, data, strength as usize, None, seed);
+    }
     let t0 = std::time::Instant::now();
     let usable = data.usable_groups();
     if usable.is_empty() {
@@ -644,6 +685,94 @@ pub fn train_method(
     }
     model.set_training(false);
     stats.final_metrics = tail.to_means();
+    stats.seconds = t0.elapsed().as_secs_f64();
+    Ok((model, stats))
+}
+
+/// The layers ProFS edits in an `L`-layer model when none are given: `⌊2L/5⌋..L`, the upper
+/// 60 % of the blocks, which is where the reference ranges start (gpt2-medium 10..24 of 24,
+/// Mistral 15..32 of 32, OPT 10..32 of 32). Every layer of a one- or two-layer model.
+///
+/// ```
+/// use amend_eval::methods::profs_layers;
+/// assert_eq!(profs_layers(2), 0..2);
+/// assert_eq!(profs_layers(24), 9..24);
+/// ```
+pub fn profs_layers(num_layers: usize) -> Range<usize> {
+    (2 * num_layers / 5)..num_layers
+}
+
+/// The preference pairs of ProFS: in every usable prompt group, each unwanted response paired
+/// with a clean response of the same prompt (cycling through the clean ones, as DPO pairs them),
+/// each side the prompt text followed by the response text.
+pub fn profs_pairs(data: &TrainingData) -> Vec<PreferencePair> {
+    let mut pairs = Vec::new();
+    for g in data.usable_groups() {
+        let gr = &data.groups[g];
+        for (j, &u) in gr.unwanted.iter().enumerate() {
+            let clean = &data.samples[gr.clean[j % gr.clean.len()]];
+            let unwanted = &data.samples[u];
+            pairs.push(PreferencePair::new(
+                format!("{}{}", gr.prompt, clean.text),
+                format!("{}{}", gr.prompt, unwanted.text),
+            ));
+        }
+    }
+    pairs
+}
+
+/// ProFS on a copy of `base`: projects the rank-`k` unwanted subspace, estimated from
+/// [`profs_pairs`] of `data` (all of them), out of the MLP value weights of `layers` (default
+/// [`profs_layers`]) with [`profs_edit`] and the reference settings otherwise (centering on the
+/// top singular direction of the clean embeddings, masked mean pooling). Texts are cut to the
+/// model's positions.
+///
+/// The returned [`TrainStats`] has no losses; its `final_metrics` hold `profs/pairs`,
+/// `profs/layer_start`, `profs/layer_end`, and the mean over edited layers of
+/// `profs/explained_energy` and `profs/sigma_k_over_sigma_1`.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the data has no usable group; [`Error::Edit`] from
+/// [`profs_edit`] (for example `k` larger than the number of pairs or the hidden size).
+pub fn profs_method(
+    base: &dyn CausalLm,
+    data: &TrainingData,
+    k: usize,
+    layers: Option<Range<usize>>,
+    seed: u64,
+) -> Result<(Box<dyn CausalLm>, TrainStats)> {
+    let t0 = std::time::Instant::now();
+    let pairs = profs_pairs(data);
+    if pairs.is_empty() {
+        return Err(Error::InvalidInput {
+            op: "profs_method",
+            name: "data".into(),
+            reason: "no prompt group with both a clean and an unwanted response".into(),
+        });
+    }
+    let layers = layers.unwrap_or_else(|| profs_layers(base.config().num_layers()));
+    let cfg = ProfsConfig {
+        k: Some(k),
+        layers: Some(layers.clone()),
+        n_pairs: pairs.len(),
+        seed,
+        max_len: crate::annotate::max_positions(base).min(512),
+        ..ProfsConfig::default()
+    };
+    let mut model = base.boxed_copy()?;
+    let report = profs_edit(&mut *model, &pairs, &cfg)?;
+    let edited: Vec<_> = report.layer_summaries.iter().filter(|l| !l.skipped).collect();
+    let mean = |f: &dyn Fn(&amend_edit::profs::LayerSummary) -> f64| {
+        edited.iter().map(|l| f(l)).sum::<f64>() / edited.len().max(1) as f64
+    };
+    let mut stats = TrainStats { rows: 2 * report.pairs_used, ..TrainStats::default() };
+    let m = &mut stats.final_metrics;
+    m.insert("profs/pairs".into(), report.pairs_used as f64);
+    m.insert("profs/layer_start".into(), layers.start as f64);
+    m.insert("profs/layer_end".into(), layers.end as f64);
+    m.insert("profs/explained_energy".into(), mean(&|l| l.explained_energy));
+    m.insert("profs/sigma_k_over_sigma_1".into(), mean(&|l| l.sigma_k_over_sigma_1));
+    m.insert("profs/warnings".into(), report.warnings.len() as f64);
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((model, stats))
 }

@@ -31,7 +31,7 @@ fn register_font() -> Result<()> {
 
 /// Colour and marker of a method: TNT variants in blues and purples (filled circles), the
 /// token-level baselines in reds and oranges (triangles), the sequence-level methods in greens
-/// and browns (squares).
+/// and browns (squares), the tuning-free ProFS edit in black (hollow diamonds).
 fn style_of(m: Method) -> (RGBColor, u8) {
     match m {
         Method::Tnff => (RGBColor(31, 119, 180), 0),
@@ -47,6 +47,7 @@ fn style_of(m: Method) -> (RGBColor, u8) {
         Method::Cp => (RGBColor(188, 189, 34), 2),
         Method::Rrhf => (RGBColor(127, 127, 127), 2),
         Method::Neat => (RGBColor(0, 100, 0), 2),
+        Method::Profs => (RGBColor(0, 0, 0), 3),
     }
 }
 
@@ -77,6 +78,21 @@ pub fn draw_plot(results: &CompareResults, svg: &Path, png: &Path) -> Result<()>
 /// Whether the results have anything to plot.
 pub fn plottable(results: &CompareResults) -> bool {
     results.base_metrics.unwanted_rate.is_some() && results.base_metrics.kl_ideal.is_some()
+}
+
+/// A hollow diamond around `at` in data coordinates (about 14 px on the default canvas).
+fn diamond(at: (f64, f64), x_max: f64, y_max: f64, color: RGBColor) -> PathElement<(f64, f64)> {
+    let (dx, dy) = (x_max * 0.009, y_max * 0.012);
+    PathElement::new(
+        vec![
+            (at.0, at.1 + dy),
+            (at.0 + dx, at.1),
+            (at.0, at.1 - dy),
+            (at.0 - dx, at.1),
+            (at.0, at.1 + dy),
+        ],
+        color.stroke_width(2),
+    )
 }
 
 type DrawResult<T, DB> =
@@ -189,6 +205,7 @@ fn draw<DB: DrawingBackend>(
             match marker {
                 0 => chart.draw_series(std::iter::once(Circle::new(at, 5, style)))?,
                 1 => chart.draw_series(std::iter::once(TriangleMarker::new(at, 6, style)))?,
+                3 => chart.draw_series(std::iter::once(diamond(at, x_max, y_max, color)))?,
                 _ => chart.draw_series(std::iter::once(Rectangle::new(
                     [
                         (at.0 - x_max * 0.005, at.1 - y_max * 0.008),
@@ -238,6 +255,10 @@ fn draw<DB: DrawingBackend>(
         match marker {
             0 => legend.draw(&Circle::new((20, y), 5, color.filled()))?,
             1 => legend.draw(&TriangleMarker::new((20, y), 6, color.filled()))?,
+            3 => legend.draw(&PathElement::new(
+                vec![(20, y - 7), (27, y), (20, y + 7), (13, y), (20, y - 7)],
+                color.stroke_width(2),
+            ))?,
             _ => legend.draw(&Rectangle::new([(15, y - 5), (25, y + 5)], color.filled()))?,
         }
         legend.draw(&Text::new(label.clone(), (40, y - 8), (FAMILY, 14)))?;

@@ -103,7 +103,9 @@ pub fn markdown(r: &CompareResults) -> String {
         s,
         "Every method starts from the same base model p° ({} parameters, `{}`) and trains for \
          {} AdamW steps at learning rate {} on the same {} prompt groups ({} per step; each \
-         group holds a prompt's clean and unwanted responses sampled from p°). The metrics are \
+         group holds a prompt's clean and unwanted responses sampled from p°); ProFS is not \
+         trained but edits the weights once, from pairs of those clean and unwanted responses \
+         (sweep over its rank k). The metrics are \
          computed on {} held-out prompts; p* is p° conditioned on producing no unwanted word, \
          the closest distribution to p° that never produces one. The ideal update is at (0, 0) \
          in the plot. See `docs/compare.md` for the task, the estimators and the methods.\n",

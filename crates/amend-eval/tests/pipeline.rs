@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use amend_eval::annotate::{SampleOrigin, SamplingConfig, TrainingData, sample_training_data};
-use amend_eval::methods::{Budget, Method, train_method};
+use amend_eval::methods::{Budget, Method, profs_method, profs_pairs, train_method};
 use amend_eval::metrics::{EvalConfig, Evaluator};
 use amend_eval::synthetic::{SyntheticTask, SyntheticTaskConfig};
 use amend_eval::{SuppressionTask, UnwantedWords};
@@ -155,7 +155,11 @@ fn every_method_trains_and_moves_the_model() {
         let strength = m.default_sweep()[2];
         let (model, stats) = train_method(&base, &f.data, m, strength, &budget, 0, &mut |_, _| {})
             .unwrap_or_else(|e| panic!("{m}: {e}"));
-        assert_eq!(stats.losses.len(), 2, "{m}");
+        if m.is_tuning_free() {
+            assert!(stats.losses.is_empty() && stats.final_metrics["profs/pairs"] > 0.0, "{m}");
+        } else {
+            assert_eq!(stats.losses.len(), 2, "{m}");
+        }
         assert!(stats.losses.iter().all(|l| l.is_finite()), "{m}: {:?}", stats.losses);
         assert!(
             stats.grad_norms.iter().all(|g| g.is_finite() && *g > 0.0),
@@ -173,4 +177,33 @@ fn every_method_trains_and_moves_the_model() {
         let base_now = base.params().snapshot().unwrap();
         assert!(base_now.iter().zip(&before).all(|((_, a), (_, b))| a.equal(b)), "{m}");
     }
+}
+
+/// ProFS edits only the MLP value weights of its layers, from pairs of the same prompt, and
+/// rejects a rank it cannot estimate.
+#[test]
+fn profs_projects_only_the_value_weights() {
+    let f = fixture();
+    let base = f.model();
+    let pairs = profs_pairs(&f.data);
+    let unwanted: usize =
+        f.data.usable_groups().iter().map(|&g| f.data.groups[g].unwanted.len()).sum();
+    assert_eq!(pairs.len(), unwanted);
+    let det = f.task.detector.as_ref().unwrap();
+    for p in &pairs {
+        assert!(!det.is_unwanted(&p.preferred) && det.is_unwanted(&p.dispreferred), "{p:?}");
+    }
+    let before = base.params().snapshot().unwrap();
+    let (model, stats) = profs_method(&base, &f.data, 2, None, 0).unwrap();
+    assert_eq!(stats.final_metrics["profs/layer_start"], 0.0);
+    assert_eq!(stats.final_metrics["profs/layer_end"], 1.0);
+    for (p, (name, b)) in model.params().iter().zip(&before) {
+        let changed = !p.tensor().equal(b);
+        assert_eq!(changed, name == "transformer.h.0.mlp.c_proj.weight", "{name}");
+    }
+    let too_big = profs_method(&base, &f.data, pairs.len() + 1, None, 0);
+    assert!(matches!(too_big, Err(amend_eval::Error::Edit(_))), "{:?}", too_big.err());
+    let not_integer =
+        train_method(&base, &f.data, Method::Profs, 1.5, &Budget::default(), 0, &mut |_, _| {});
+    assert!(matches!(not_integer, Err(amend_eval::Error::InvalidInput { .. })));
 }
