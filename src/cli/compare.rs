@@ -19,7 +19,8 @@ use amend::models::{CausalLm, LoadOptions, UnknownFields};
 /// and cached under ${AMEND_CACHE_DIR:-~/.cache/amend}/models) says one of five made-up words
 /// in about a fifth of its responses. Every method (TNT variants, NL, UL, Welleck UL, NPO, DPO,
 /// CP, RRHF, NEAT) starts from that model, trains on the same annotated samples with the same
-/// budget over a sweep of its strength, and is scored on held-out prompts by its unwanted rate
+/// budget over a sweep of its strength (ProFS, tuning-free, edits the weights once per rank k
+/// from pairs of the same samples), and is scored on held-out prompts by its unwanted rate
 /// and by KL(p*‖p_new), its distance to the ideal update p* (the base model conditioned on never
 /// producing an unwanted word). The report folder gets report.md (tables), results.json (every
 /// number and the configuration), plot.svg and plot.png.
@@ -38,7 +39,7 @@ pub struct CompareArgs {
     #[arg(long)]
     pub quick: bool,
     /// Comma-separated methods (default: all): tnff, tnrr, tnrf, tnfll, tnrll, nl, ul,
-    /// welleck_ul, npo, dpo, cp, rrhf, neat.
+    /// welleck_ul, npo, dpo, cp, rrhf, neat, profs.
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub methods: Vec<String>,
     /// Seed of the training-data samples, the batch order and the evaluation samplers.
@@ -66,6 +67,10 @@ pub struct CompareArgs {
     /// AdamW learning rate of every method (default 1e-4).
     #[arg(long, value_name = "LR")]
     pub lr: Option<f64>,
+    /// Layers ProFS edits, half-open START..END (default: the upper 60 % of the blocks,
+    /// ⌊2L/5⌋..L, where the reference ranges start).
+    #[arg(long, value_name = "START..END", value_parser = parse_range)]
+    pub profs_layers: Option<std::ops::Range<usize>>,
     /// Matched unwanted rate of the summary, as a fraction of the base model's rate.
     #[arg(long, default_value_t = 0.25, value_name = "F")]
     pub target_fraction: f64,
@@ -113,6 +118,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         bail!("--target-fraction must be positive");
     }
     cfg.target_rate = TargetRate::FractionOfBase(args.target_fraction);
+    cfg.profs_layers.clone_from(&args.profs_layers);
     tch::set_num_threads(args.threads.max(1));
 
     let terminal = TerminalProgress::new();
@@ -172,6 +178,17 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         if files.svg.is_some() { ", plot.svg, plot.png" } else { "" }
     );
     super::score::emit(&out)
+}
+
+/// `START..END` (half-open, non-empty).
+fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
+    let (a, b) = s.split_once("..").ok_or_else(|| format!("expected START..END, got `{s}`"))?;
+    let parse = |x: &str| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"));
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a >= b {
+        return Err(format!("empty range {a}..{b}"));
+    }
+    Ok(a..b)
 }
 
 /// The command line as typed (program name shortened to `amend`).

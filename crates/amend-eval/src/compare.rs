@@ -20,7 +20,7 @@ use amend_models::recipe::{TinyModelReport, TinyRecipe};
 use serde::{Deserialize, Serialize};
 
 use crate::annotate::{DataStats, SamplingConfig, sample_training_data};
-use crate::methods::{Budget, Method, TrainStats, train_method};
+use crate::methods::{Budget, Method, TrainStats, profs_method, train_method};
 use crate::metrics::{BaseFacts, EvalConfig, Evaluator, PointMetrics, Skipped};
 use crate::synthetic::{SyntheticTask, SyntheticTaskConfig};
 use crate::task::SuppressionTask;
@@ -73,6 +73,9 @@ pub struct CompareConfig {
     pub target_rate: TargetRate,
     /// libtorch intra-op threads (`None`: leave libtorch's setting).
     pub threads: Option<i32>,
+    /// The layers ProFS edits, half-open (`None`: [`crate::methods::profs_layers`], the upper
+    /// 60 % of the blocks).
+    pub profs_layers: Option<std::ops::Range<usize>>,
 }
 
 impl Default for CompareConfig {
@@ -91,6 +94,7 @@ impl Default for CompareConfig {
                 .collect(),
             target_rate: TargetRate::FractionOfBase(0.25),
             threads: Some(1),
+            profs_layers: None,
         }
     }
 }
@@ -429,15 +433,21 @@ pub fn run_comparison(
             progress.point_started(index, total, &point.label(), steps);
             point.memory.rss_before_bytes = memory::current_rss_bytes();
             let can_reset = memory::reset_peak_rss();
-            let trained = train_method(
-                base,
-                &data,
-                sweep.method,
-                strength,
-                &cfg.budget,
-                cfg.seed,
-                &mut |s, l| progress.step(s, l),
-            );
+            let trained = if sweep.method.is_tuning_free() {
+                crate::methods::profs_rank(strength).and_then(|k| {
+                    profs_method(base, &data, k, cfg.profs_layers.clone(), cfg.seed)
+                })
+            } else {
+                train_method(
+                    base,
+                    &data,
+                    sweep.method,
+                    strength,
+                    &cfg.budget,
+                    cfg.seed,
+                    &mut |s, l| progress.step(s, l),
+                )
+            };
             match trained {
                 Ok((model, stats)) => {
                     point.train = stats;

@@ -556,7 +556,9 @@ fn step_loss(
     })
 }
 
-/// Trains a copy of `base` with `method` at `strength` under `budget`. `seed` fixes the order
+/// Trains a copy of `base` with `method` at `strength` under `budget` (ProFS: edits a copy
+/// with [`profs_method`] at rank `k = strength` on the default layers; the budget does not
+/// apply). `seed` fixes the order
 /// of the prompt groups (pass the same seed to every method) and libtorch's RNG. `on_step` is
 /// called after every step with the step number and its loss.
 ///
@@ -573,14 +575,7 @@ pub fn train_method(
     on_step: &mut dyn FnMut(usize, f64),
 ) -> Result<(Box<dyn CausalLm>, TrainStats)> {
     if method.is_tuning_free() {
-        if !(strength >= 1.0 && strength.fract() == 0.0 && strength < 1e9) {
-            return Err(Error::InvalidInput {
-                op: "train_method",
-                name: "strength".into(),
-                reason: format!("the ProFS rank k must be a positive integer, got {strength}"),
-            });
-        }
-        return profs_method(base, data, strength as usize, None, seed);
+        return profs_method(base, data, profs_rank(strength)?, None, seed);
     }
     let t0 = std::time::Instant::now();
     let usable = data.usable_groups();
@@ -700,6 +695,22 @@ pub fn train_method(
 /// ```
 pub fn profs_layers(num_layers: usize) -> Range<usize> {
     (2 * num_layers / 5)..num_layers
+}
+
+/// The ProFS rank of a sweep value.
+///
+/// # Errors
+/// [`Error::InvalidInput`] unless `strength` is a positive integer.
+pub(crate) fn profs_rank(strength: f64) -> Result<usize> {
+    if strength >= 1.0 && strength.fract() == 0.0 && strength < 1e9 {
+        Ok(strength as usize)
+    } else {
+        Err(Error::InvalidInput {
+            op: "train_method",
+            name: "strength".into(),
+            reason: format!("the ProFS rank k must be a positive integer, got {strength}"),
+        })
+    }
 }
 
 /// The preference pairs of ProFS: in every usable prompt group, each unwanted response paired
