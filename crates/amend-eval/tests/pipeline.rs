@@ -207,3 +207,84 @@ fn profs_projects_only_the_value_weights() {
         train_method(&base, &f.data, Method::Profs, 1.5, &Budget::default(), 0, &mut |_, _| {});
     assert!(matches!(not_integer, Err(amend_eval::Error::InvalidInput { .. })));
 }
+
+/// The whole comparison in process, every method at two sweep points, on the fixture model with
+/// a small configuration (the CLI's `--quick` runs the same code on a bigger model; its test,
+/// `tests/compare_cli.rs` at the repository root, is `#[ignore]`d because it takes minutes in
+/// debug). Checks that the report is complete and well formed, not that any method wins.
+#[test]
+fn a_small_comparison_writes_a_complete_report() {
+    use amend_eval::compare::{BaseModelInfo, CompareConfig, NoProgress, run_comparison};
+    let f = fixture();
+    let model = f.model();
+    let mut cfg = CompareConfig::quick();
+    cfg.mode = "test".into();
+    cfg.seed = 5;
+    cfg.sampling = SamplingConfig {
+        samples_per_prompt: 8,
+        negative_samples_per_prompt: 2,
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    cfg.eval = EvalConfig {
+        samples_per_prompt: 2,
+        rejection_samples_per_prompt: 4,
+        control_samples_per_prompt: 2,
+        max_new_tokens: 24,
+        ..EvalConfig::default()
+    };
+    cfg.budget = Budget { steps: 2, prompts_per_step: 2, ..Budget::default() };
+    let info = BaseModelInfo {
+        dir: f.dir.path().display().to_string(),
+        recipe: None,
+        report: None,
+        trained_now: false,
+        parameters: model.params().num_elements(false),
+        seconds: 0.0,
+    };
+    let r = run_comparison(&model, info, &f.task, &cfg, &NoProgress).unwrap();
+    assert_eq!(r.config.seed, 5);
+    assert_eq!(r.points.len(), 2 * Method::ALL.len());
+    assert_eq!(r.best.len(), Method::ALL.len());
+    assert!(r.skipped.iter().all(|s| s.metric == "unwanted_token_logprob"), "{:?}", r.skipped);
+    let base_rate = r.base_metrics.unwanted_rate.unwrap();
+    for p in &r.points {
+        assert!(p.error.is_none(), "{}: {:?}", p.label(), p.error);
+        let m = &p.metrics;
+        assert_eq!(m.unwanted_rate.unwrap().n, base_rate.n, "{}", p.label());
+        assert!(m.kl_ideal.unwrap().value.is_finite(), "{}", p.label());
+        assert!(m.kl_control.unwrap().value.is_finite(), "{}", p.label());
+        assert!(m.heldout_perplexity.unwrap() > 1.0, "{}", p.label());
+        let steps = if p.method.is_tuning_free() { 0 } else { 2 };
+        assert_eq!(p.train.losses.len(), steps, "{}", p.label());
+    }
+    assert!(r.target_rate.unwrap() > 0.0);
+    let t = &r.timing;
+    assert!(t.total_seconds >= t.points_seconds && t.points_seconds > 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let files = amend_eval::report::write_report(&r, &out).unwrap();
+    let back: amend_eval::compare::CompareResults =
+        serde_json::from_str(&std::fs::read_to_string(&files.json).unwrap()).unwrap();
+    assert_eq!(back.points.len(), r.points.len());
+    assert_eq!(back.config, r.config);
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    for needle in
+        ["## Each method's best point", "## Every sweep point", "![unwanted rate", "| base p° |"]
+    {
+        assert!(md.contains(needle), "{needle}");
+    }
+    for m in Method::ALL {
+        // One summary row and two sweep rows per method.
+        let rows = md.lines().filter(|l| l.starts_with(&format!("| {} |", m.name()))).count();
+        assert_eq!(rows, 3, "{m}");
+    }
+    let svg = std::fs::read_to_string(files.svg.unwrap()).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("ideal p*") && svg.contains("ProFS") && svg.contains("TNRR"));
+    let png = std::fs::read(files.png.unwrap()).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let summary = amend_eval::report::terminal_summary(&r);
+    assert!(summary.contains("best point of each method"), "{summary}");
+}
