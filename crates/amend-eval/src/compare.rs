@@ -434,9 +434,8 @@ pub fn run_comparison(
             point.memory.rss_before_bytes = memory::current_rss_bytes();
             let can_reset = memory::reset_peak_rss();
             let trained = if sweep.method.is_tuning_free() {
-                crate::methods::profs_rank(strength).and_then(|k| {
-                    profs_method(base, &data, k, cfg.profs_layers.clone(), cfg.seed)
-                })
+                crate::methods::profs_rank(strength)
+                    .and_then(|k| profs_method(base, &data, k, cfg.profs_layers.clone(), cfg.seed))
             } else {
                 train_method(
                     base,
