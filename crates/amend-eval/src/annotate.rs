@@ -419,7 +419,7 @@ mod tests {
     fn spans_mark_overlapping_tokens() {
         // "the blorp fox" tokenised as ["the", " bl", "orp", " fox", <eos>]
         let offsets = [(0, 3), (3, 6), (6, 9), (9, 13), (13, 13)];
-        let spans = [4..9];
+        let spans = [std::ops::Range { start: 4, end: 9 }];
         assert_eq!(weights_from_spans(&offsets, &spans), vec![1, -1, -1, 1, 1]);
         assert_eq!(weights_from_spans(&offsets, &[]), vec![1; 5]);
     }

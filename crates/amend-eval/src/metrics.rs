@@ -356,7 +356,7 @@ impl Evaluator {
                 .flat_map(|ids| std::iter::repeat_n(ids, m))
                 .collect();
             let g =
-                sampling_config(base, cfg.max_new_tokens, 1.0, seed ^ 0xc0_17_0001, cfg.batch_size);
+                sampling_config(base, cfg.max_new_tokens, 1.0, seed ^ 0xc017_0001, cfg.batch_size);
             let gens = generate_ids(base, &prompts, &g)?;
             let mut ids = Vec::new();
             let mut starts = Vec::new();
