@@ -38,3 +38,22 @@ doc: setup
 
 bench-build: setup
 	$(CARGO) bench --workspace --no-run
+
+## examples: run every top-level example in the debug profile (as CI does)
+# Examples of the facade (`cargo run --example NAME`) and of amend-kernels, which build without
+# libtorch (`cargo run -p amend-kernels --example NAME`). Override to run a subset:
+# `make examples EXAMPLES=tnt_step KERNEL_EXAMPLES=`.
+EXAMPLES ?= smoke tnt_step custom_trainer preference_pair detox_projection fact_edit
+KERNEL_EXAMPLES ?= fused_kernels
+.PHONY: examples
+examples: setup
+	@set -e; for ex in $(EXAMPLES); do \
+	  printf '\n==> example %s\n' "$$ex"; start=$$(date +%s); \
+	  $(CARGO) run --quiet --example "$$ex"; \
+	  printf '<== %s passed in %d s\n' "$$ex" "$$(( $$(date +%s) - start ))"; \
+	done
+	@set -e; for ex in $(KERNEL_EXAMPLES); do \
+	  printf '\n==> example %s (amend-kernels, no libtorch)\n' "$$ex"; start=$$(date +%s); \
+	  $(CARGO) run --quiet -p amend-kernels --example "$$ex"; \
+	  printf '<== %s passed in %d s\n' "$$ex" "$$(( $$(date +%s) - start ))"; \
+	done

@@ -8,9 +8,18 @@
 //! loads libtorch's kernels and thread pools first.
 //!
 //! ```text
-//! cargo bench --bench peak_mem                      # fast tier (256×50257)
-//! AMEND_BENCH=large cargo bench --bench peak_mem    # P-a shape (2048×50257)
+//! cargo bench --bench peak_mem                      # fast tier (256×50257; 512×256×50257)
+//! AMEND_BENCH=large cargo bench --bench peak_mem    # P-a shape (2048×50257), P-b (2048×768×50257)
+//! AMEND_PEAK_CASES=flce AMEND_BENCH=large cargo bench --bench peak_mem   # only the P-b cases
 //! ```
+//!
+//! The P-b cases (`flce_ce`, `flce_tnt`) measure one fused-linear loss step from hidden states
+//! `h [N, H]` and the head `W [V, H]` (both requiring grad) until their gradients exist:
+//! `naive` (full logits + autograd, the logits in scope during `backward()` as a user writes it;
+//! for TNT the reference logits and `tnt_loss` on the composite path), `naive_lean` (CE only:
+//! the logits dropped before `backward()`), `naive_kernel` (TNT only: full logits through the
+//! kernel backend) and `chunked` (`fused_linear_nll_loss` / `fused_linear_tnt_loss`), and print
+//! each path's ratio to `naive` (P-b bounds `chunked / naive` by 0.25).
 
 use std::process::Command;
 
@@ -21,6 +30,9 @@ use amend_kernels::{
 };
 use amend_losses::bridge::{CpuSlice, Sanitize, fused_rows, inject_rows};
 use tch::{Device, Kind, Reduction, Tensor};
+
+#[path = "common/flce.rs"]
+mod flce;
 
 const ENV: &str = "AMEND_PEAK_CASE";
 
@@ -39,9 +51,72 @@ fn shape() -> (usize, usize) {
     }
 }
 
+/// `N × H × V` of the P-b cases.
+fn flce_shape() -> (usize, usize, usize) {
+    match std::env::var("AMEND_BENCH").as_deref() {
+        Ok("large") => (2048, 768, 50257),
+        _ => (512, 256, 50257),
+    }
+}
+
+/// Runs one child for `case` and returns its `peak_step_kib`.
+fn measure(exe: &std::path::Path, case: &str) -> f64 {
+    let out = Command::new(exe).env(ENV, case).output().expect("spawn the measuring child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!("child {case} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+    });
+    line.split("\"peak_step_kib\":")
+        .nth(1)
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .expect("child prints peak_step_kib")
+}
+
+fn selected(case: &str) -> bool {
+    std::env::var("AMEND_PEAK_CASES").map_or(true, |f| case.contains(&f))
+}
+
 fn parent() {
-    let (n, v) = shape();
     let exe = std::env::current_exe().expect("the bench binary knows its path");
+    if std::env::var("AMEND_PEAK_CASES").map_or(true, |f| !f.contains("flce")) {
+        parent_kernels(&exe);
+    }
+    parent_flce(&exe);
+}
+
+/// The P-b table: one child per (loss, path, threads).
+fn parent_flce(exe: &std::path::Path) {
+    let (n, h, v) = flce_shape();
+    let threads: Vec<usize> =
+        match std::env::var("AMEND_BENCH_THREADS").ok().and_then(|t| t.parse().ok()) {
+            Some(t) => vec![t],
+            None => vec![1, 2],
+        };
+    println!();
+    println!("| loss | path | N×H×V | threads | peak step memory (MiB) | / naive |");
+    println!("|---|---|---|---|---|---|");
+    for t in threads {
+        for (loss, paths) in [
+            ("flce_ce", &["naive", "naive_lean", "chunked"][..]),
+            ("flce_tnt", &["naive", "naive_kernel", "chunked"][..]),
+        ] {
+            let mut naive = None;
+            for path in paths {
+                let case = format!("{loss}:{path}:{n}x{h}x{v}:{t}");
+                if !selected(&case) {
+                    continue;
+                }
+                let mib = measure(exe, &case) / 1024.0;
+                let base = *naive.get_or_insert(mib);
+                println!("| {loss} | {path} | {n}×{h}×{v} | {t} | {mib:.1} | {:.3} |", mib / base);
+            }
+        }
+    }
+}
+
+fn parent_kernels(exe: &std::path::Path) {
+    let (n, v) = shape();
     let threads: Vec<usize> =
         match std::env::var("AMEND_BENCH_THREADS").ok().and_then(|t| t.parse().ok()) {
             Some(t) => vec![t],
@@ -59,22 +134,10 @@ fn parent() {
         ] {
             for variant in variants {
                 let case = format!("{kernel}:{variant}:{n}x{v}:{t}");
-                let out =
-                    Command::new(&exe).env(ENV, &case).output().expect("spawn the measuring child");
-                let text = String::from_utf8_lossy(&out.stdout);
-                let line = text.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-                    panic!(
-                        "child {case} failed: {}\n{}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr)
-                    )
-                });
-                let kib = line
-                    .split("\"peak_step_kib\":")
-                    .nth(1)
-                    .and_then(|s| s.trim_end_matches('}').trim().parse::<f64>().ok())
-                    .expect("child prints peak_step_kib");
-                let mib = kib / 1024.0;
+                if !selected(&case) {
+                    continue;
+                }
+                let mib = measure(exe, &case) / 1024.0;
                 println!(
                     "| {kernel} | {variant} | {n}×{v} | {t} | {mib:.1} | {:.3} |",
                     mib / nv_mib
@@ -225,7 +288,36 @@ fn step(c: &Case, inp: &mut Inputs) {
     let _ = inp.n;
 }
 
+/// Child of a P-b case: inputs and a warm-up on a tiny shape, then one measured step.
+fn child_flce(case: &str) {
+    let p: Vec<&str> = case.split(':').collect();
+    let dims: Vec<i64> = p[2].split('x').map(|d| d.parse().expect("NxHxV")).collect();
+    let threads: i32 = p[3].parse().expect("threads");
+    tch::set_num_threads(threads);
+    let step = |x: &flce::FlceInputs| match (p[0], p[1]) {
+        ("flce_ce", path) => flce::flce_ce_step(x, path),
+        ("flce_tnt", path) => flce::flce_tnt_step(x, path),
+        (loss, _) => panic!("unknown case {loss}"),
+    };
+    let warm = flce::flce_inputs(64, 16, 1000);
+    step(&warm);
+    drop(warm);
+    let x = flce::flce_inputs(dims[0], dims[1], dims[2]);
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
+    let before = status_kib("VmRSS:");
+    let loss = step(&x);
+    let peak = status_kib("VmHWM:");
+    assert!(x.h.grad().defined() && x.w.grad().defined(), "gradients exist after the step");
+    println!(
+        "{{\"case\":\"{case}\",\"rss_before_kib\":{before},\"peak_step_kib\":{},\"loss\":{loss}}}",
+        peak.saturating_sub(before)
+    );
+}
+
 fn child(case: &str) {
+    if case.starts_with("flce_") {
+        return child_flce(case);
+    }
     let c = parse(case);
     tch::set_num_threads(c.threads as i32);
     // Warm-up on a tiny shape: loads kernels and thread pools.

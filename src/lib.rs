@@ -20,6 +20,11 @@ pub use amend_models as models;
 
 pub mod runtime;
 
+/// The README's Rust code, compiled and run as a doc test so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// The most used types, for `use amend::prelude::*`.
 pub mod prelude {
     pub use amend_kernels::{Reduction, SumCount};

@@ -23,6 +23,7 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     Compare(cli::compare::CompareArgs),
     Edit(cli::edit::EditArgs),
+    Loss(cli::loss::LossArgs),
 }
 
 fn main() -> Result<()> {
@@ -39,5 +40,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => cli::generate::run(&args),
         Command::Compare(args) => cli::compare::run(&args),
         Command::Edit(args) => cli::edit::run(&args),
+        Command::Loss(args) => cli::loss::run(&args),
     }
 }

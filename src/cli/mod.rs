@@ -5,4 +5,5 @@ pub mod compare;
 pub mod edit;
 pub mod generate;
 pub mod info;
+pub mod loss;
 pub mod score;

@@ -290,6 +290,48 @@ impl CpuBuf {
     }
 }
 
+/// A reusable `[capacity, width]` f32 CPU buffer for chunked loops: each chunk's logits are
+/// written into it by tch ops through [`ChunkBuf::view`] and then handed to a kernel (often
+/// `LogitsIo::InPlace`) through [`ChunkBuf::rows_mut`], so a loop over chunks allocates (and
+/// first-touches) its `[C, V]` buffer once.
+///
+/// Aliasing contract (crate-internal): the views share the buffer's storage, so no tch op may
+/// read or write a view while a slice from [`ChunkBuf::rows_mut`] is alive. Callers use the
+/// view and the slice one after the other, never at the same time.
+pub(crate) struct ChunkBuf {
+    tensor: Tensor,
+    width: i64,
+}
+
+impl ChunkBuf {
+    /// An uninitialised buffer of `capacity` rows (at least 1) of `width` floats.
+    pub(crate) fn new(capacity: i64, width: i64) -> Result<Self> {
+        let tensor = Tensor::f_empty([capacity.max(1), width.max(0)], (Kind::Float, Device::Cpu))?;
+        Ok(ChunkBuf { tensor, width: width.max(0) })
+    }
+
+    /// The first `rows` rows, as a contiguous tensor sharing the buffer.
+    pub(crate) fn view(&self, rows: i64) -> Result<Tensor> {
+        Ok(self.tensor.f_narrow(0, 0, rows)?)
+    }
+
+    /// The first `rows` rows, for a kernel to read and write.
+    pub(crate) fn rows_mut(&mut self, rows: i64) -> &mut [f32] {
+        let cap = self.tensor.size()[0];
+        let len = usize::try_from(rows.clamp(0, cap) * self.width).unwrap_or(0);
+        if len == 0 {
+            return &mut [];
+        }
+        let ptr = self.tensor.data_ptr() as *mut f32;
+        // SAFETY: `self.tensor` was created by `f_empty` as a contiguous f32 CPU tensor of
+        // `cap · width ≥ len` elements, so `ptr` is non-null, aligned and valid for `len`
+        // elements. `ChunkBuf` holds the tensor for the lifetime of the exclusive borrow of
+        // `self`, and its crate-internal callers do not touch views of the buffer while the
+        // slice is alive (see the type's aliasing contract).
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+}
+
 /// What [`fused_rows`] returns: the kernel's per-row values and, when requested, its gradient,
 /// both as libtorch-owned f32 tensors without a graph.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
-//! Every test vector of `specs/token-losses.md` §12 as a named test, in f64 and f32, through both
-//! gradient paths (composite autograd and closed form with injection).
+//! Every test vector of `specs/token-losses.md` §12 as a named test, in f64 and f32, through every
+//! gradient path (composite autograd, closed form with injection, and, for f32, the fused kernels
+//! of `amend-kernels` with injection).
 
 mod token_support;
 
@@ -9,7 +10,8 @@ use amend_testing::{F32, Tol};
 use tch::{Kind, Tensor};
 use token_support::*;
 
-const PATHS: [TokenBackend; 2] = [TokenBackend::Composite, TokenBackend::ClosedForm];
+const PATHS: [TokenBackend; 3] =
+    [TokenBackend::Composite, TokenBackend::ClosedForm, TokenBackend::Kernel];
 const KINDS: [Kind; 2] = [Kind::Double, Kind::Float];
 
 /// Tolerance for a value printed with `decimals` decimals (spec §12): f64 `1e-8` for 9
@@ -23,9 +25,14 @@ fn tol(kind: Kind, decimals: i32) -> Tol {
     }
 }
 
+/// Whether `backend` applies to `kind` (the fused kernels run on f32 only).
+fn runs(kind: Kind, backend: TokenBackend) -> bool {
+    kind == Kind::Float || backend != TokenBackend::Kernel
+}
+
 fn for_all(mut f: impl FnMut(Kind, TokenBackend) -> Result<()>) -> Result<()> {
     for kind in KINDS {
-        for backend in PATHS {
+        for backend in PATHS.into_iter().filter(|&b| runs(kind, b)) {
             f(kind, backend)?;
         }
     }
@@ -182,7 +189,7 @@ fn parity_t5patches_f32_matches_upstream() -> Result<()> {
 #[test]
 fn parity_t5patches_f64_matches_spec_formulas() -> Result<()> {
     for (which, w, _, _, f1, f05) in PARITY {
-        for backend in PATHS {
+        for backend in PATHS.into_iter().filter(|&b| runs(Kind::Double, b)) {
             for (alpha, expected) in [(1.0, f1), (0.5, f05)] {
                 let got = parity_scores(which, &w, alpha, Kind::Double, backend)?;
                 tol(Kind::Double, 7).assert_all_close(

@@ -20,6 +20,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut};
+
 use super::common::{
     check_device, check_float, check_rank, check_shape, compute_kind, with_setters,
 };
@@ -27,6 +29,8 @@ use super::seq_logps::{
     ActiveRows, SeqLogps, SeqLogpsConfig, TokenStats, active_rows, assemble, check_lp_finite,
     token_stats,
 };
+use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
+use crate::token::kernel;
 use crate::token::{FusedLinearOptions, NonFinitePolicy};
 use crate::{Error, Result};
 
@@ -83,6 +87,8 @@ pub struct FusedLinearSeqLogps {
     lse: Tensor,
     chunk: i64,
     kind: Kind,
+    /// Chunks run on the fused kernel (CPU f32).
+    use_kernel: bool,
 }
 
 impl FusedLinearSeqLogps {
@@ -189,30 +195,73 @@ impl FusedLinearSeqLogps {
         let mut g_w = Tensor::f_zeros([v, h], (self.kind, dev))?;
         let mut g_b = Tensor::f_zeros([v], (self.kind, dev))?;
         let wt = self.w_kind.f_tr()?;
-        let buf = Tensor::f_empty([self.chunk.min(n.max(1)), v], (self.kind, dev))?;
+        // One [C, V] buffer for every chunk: a kernel buffer on the kernel path, a tensor else.
+        let cap = self.chunk.min(n.max(1));
+        let mut kbuf = if self.use_kernel { Some(ChunkBuf::new(cap, v)?) } else { None };
+        let buf_t = match kbuf {
+            Some(_) => None,
+            None => Some(Tensor::f_empty([cap, v], (self.kind, dev))?),
+        };
         let mut start = 0;
         while start < n {
             let c = self.chunk.min(n - start);
             let h_c = self.h_rows.f_narrow(0, start, c)?;
-            let mut z = buf.f_narrow(0, 0, c)?;
+            let mut z = match (&buf_t, &kbuf) {
+                (Some(t), _) => t.f_narrow(0, 0, c)?,
+                (None, Some(b)) => b.view(c)?,
+                (None, None) => Tensor::f_empty([c, v], (self.kind, dev))?,
+            };
             let _ = h_c.f_mm_out(&z, &wt)?;
             if let Some(b) = &self.b_kind {
                 let _ = z.f_add_(b)?;
             }
-            let lse_c = self.lse.f_narrow(0, start, c)?.f_unsqueeze(1)?;
-            let u_c = u.f_narrow(0, start, c)?.f_unsqueeze(1)?;
-            let y_c = self.active.targets.f_narrow(0, start, c)?.f_unsqueeze(1)?;
-            // z ← u·(onehot(y) − softmax(z)), in place.
-            let _ = z.f_sub_(&lse_c)?;
-            let _ = z.f_exp_()?;
-            let _ = z.f_mul_(&u_c.f_neg()?)?;
-            let _ = z.f_scatter_add_(1, &y_c, &u_c)?;
+            let u_c = u.f_narrow(0, start, c)?;
+            let y_c = self.active.targets.f_narrow(0, start, c)?;
+            // z ← u·(onehot(y) − softmax(z)), in place: the kernel with row scale −u, or tch ops.
+            let done = match kbuf.as_mut() {
+                Some(b) => grad_chunk_kernel(b, c, &y_c, &u_c)?,
+                None => false,
+            };
+            if !done {
+                let lse_c = self.lse.f_narrow(0, start, c)?.f_unsqueeze(1)?;
+                let (u_c, y_c) = (u_c.f_unsqueeze(1)?, y_c.f_unsqueeze(1)?);
+                let _ = z.f_sub_(&lse_c)?;
+                let _ = z.f_exp_()?;
+                let _ = z.f_mul_(&u_c.f_neg()?)?;
+                let _ = z.f_scatter_add_(1, &y_c, &u_c)?;
+            }
             let _ = z.f_mm_out(&g_h.f_narrow(0, start, c)?, &self.w_kind)?;
             let _ = g_w.f_addmm_(&z.f_tr()?, &h_c)?;
             let _ = g_b.f_add_(&z.f_sum_dim_intlist([0i64].as_slice(), false, self.kind)?)?;
             start += c;
         }
         Ok((g_h, g_w, g_b))
+    }
+}
+
+/// Overwrites the first `c` rows of `buf` (logits) with `u ⊙ (onehot(y) − softmax)` through the
+/// fused kernel (row scale `−u`: rows with `u = 0` get exact zeros). `false` (nothing written)
+/// when the kernel rejects a row as non-finite or a non-finite `u`.
+fn grad_chunk_kernel(buf: &mut ChunkBuf, c: i64, targets: &Tensor, u: &Tensor) -> Result<bool> {
+    const OP: &str = "FusedLinearSeqLogps::f_attach";
+    let v = buf.view(c)?.size()[1];
+    let scale = u.f_neg()?.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let ss = CpuSlice::<f32>::strict(&scale, OP, "row_scale")?;
+    let ys = CpuSlice::<i64>::new(targets, OP, "input_ids")?;
+    let cfg = SelectedLogpConfig::default().with_ignore_index(None).with_threads(kernel::threads());
+    let mut loss = vec![0.0f32; usize::try_from(c).unwrap_or(0)];
+    match amend_kernels::selected_logp(
+        LogitsIo::in_place(buf.rows_mut(c)),
+        usize::try_from(v).unwrap_or(0),
+        ys.as_slice(),
+        Some(ss.as_slice()),
+        &cfg,
+        SelectedLogpOut::new(&mut loss),
+    ) {
+        Ok(_) => Ok(true),
+        Err(KernelError::NonFiniteRow { .. })
+        | Err(KernelError::InvalidArg { name: "row_scale", .. }) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -297,6 +346,7 @@ pub fn seq_logps_fused_linear(
     let lp_rows = Tensor::f_empty([n], (kind, hidden.device()))?;
     let lse = Tensor::f_empty([n], (kind, hidden.device()))?;
     let mut stats = cfg.logps.token_stats.then(TokenStats::default);
+    let use_kernel = kernel::use_kernel(OP, cfg.logps.backend, hidden)?;
     if n > 0 {
         let buf = Tensor::f_empty([chunk, v], (kind, hidden.device()))?;
         let mut start = 0;
@@ -311,10 +361,14 @@ pub fn seq_logps_fused_linear(
             if let Some(s) = stats.as_mut() {
                 s.merge(&token_stats(&z, &y_c)?);
             }
-            let lse_c = z.f_logsumexp([1i64].as_slice(), false)?;
-            let zy = z.f_gather(1, &y_c.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
-            lse.f_narrow(0, start, c)?.f_copy_(&lse_c)?;
-            lp_rows.f_narrow(0, start, c)?.f_copy_(&zy.f_sub(&lse_c)?)?;
+            let mut lse_c = lse.f_narrow(0, start, c)?;
+            let mut lp_c = lp_rows.f_narrow(0, start, c)?;
+            if !(use_kernel && value_chunk_kernel(OP, &z, &y_c, &mut lse_c, &mut lp_c)?) {
+                let lse_z = z.f_logsumexp([1i64].as_slice(), false)?;
+                let zy = z.f_gather(1, &y_c.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+                lse_c.f_copy_(&lse_z)?;
+                lp_c.f_copy_(&zy.f_sub(&lse_z)?)?;
+            }
             start += c;
         }
     }
@@ -356,5 +410,45 @@ pub fn seq_logps_fused_linear(
         lse,
         chunk,
         kind,
+        use_kernel,
     })
+}
+
+/// `lse` and `lp = z_y − lse` of a chunk `z [c, V]` by the fused kernel (value only, one `exp`
+/// per element, written straight into the output rows). `false` when the kernel rejected a row
+/// as non-finite (nothing is written; the caller uses tch ops).
+fn value_chunk_kernel(
+    op: &'static str,
+    z: &Tensor,
+    targets: &Tensor,
+    lse: &mut Tensor,
+    lp: &mut Tensor,
+) -> Result<bool> {
+    let c = z.size()[0];
+    let vocab = usize::try_from(z.size()[1]).unwrap_or(0);
+    let zs = CpuSlice::<f32>::strict(z, op, "logits")?;
+    let ys = CpuSlice::<i64>::new(targets, op, "input_ids")?;
+    let mut loss = CpuBuf::empty(&[c])?;
+    let mut lse_b = CpuBuf::empty(&[c])?;
+    let mut lp_b = CpuBuf::empty(&[c])?;
+    let cfg = SelectedLogpConfig::default().with_ignore_index(None).with_threads(kernel::threads());
+    let out = SelectedLogpOut::new(loss.as_mut_slice())
+        .with_lse(lse_b.as_mut_slice())
+        .with_logp(lp_b.as_mut_slice());
+    match amend_kernels::selected_logp(
+        LogitsIo::value(zs.as_slice()),
+        vocab,
+        ys.as_slice(),
+        None,
+        &cfg,
+        out,
+    ) {
+        Ok(_) => {
+            lse.f_copy_(&lse_b.into_tensor())?;
+            lp.f_copy_(&lp_b.into_tensor())?;
+            Ok(true)
+        }
+        Err(KernelError::NonFiniteRow { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }

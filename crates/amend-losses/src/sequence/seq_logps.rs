@@ -13,7 +13,11 @@ use super::common::{
     bool_mask, check_device, check_finite, check_float, check_integer, check_rank, check_shape,
     compute_kind, first_true, nonempty, safe_mean, with_setters,
 };
-use crate::token::NonFinitePolicy;
+use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
+
+use crate::bridge::CpuSlice;
+use crate::token::kernel;
+use crate::token::{NonFinitePolicy, TokenBackend};
 use crate::{Error, Result};
 
 /// What a length-normalised loss does with a sequence that has no scored token (`n = 0`).
@@ -51,12 +55,24 @@ pub struct SeqLogpsConfig {
     /// device sync. `−inf` logits off the target are always fine (vocabulary masks), and rows
     /// that are not scored are never read, so NaN there is always harmless.
     pub non_finite: NonFinitePolicy,
+    /// How the selected-token log-probs and their gradient are computed. Default
+    /// [`TokenBackend::Auto`]: the fused kernel of `amend-kernels`
+    /// ([`selected_logp`](amend_kernels::selected_logp) with a row scale of −1, which writes
+    /// `log p_y` and `e_y − p` in one sweep, injected into autograd per row) for CPU f32 logits
+    /// (or hidden states, on the fused-linear path), tch ops (`logsumexp` and `gather` on the
+    /// scored rows) everywhere else. [`TokenBackend::Kernel`] insists on the kernel (an error for
+    /// other inputs); [`TokenBackend::Composite`] and [`TokenBackend::ClosedForm`] both select
+    /// the tch ops. Both give the same values and gradients to f32 rounding; a batch the kernel
+    /// rejects as non-finite is evaluated with tch ops, so [`SeqLogpsConfig::non_finite`] behaves
+    /// the same on every backend.
+    pub backend: TokenBackend,
 }
 
 with_setters!(SeqLogpsConfig {
     with_return_per_token => return_per_token: bool,
     with_token_stats => token_stats: bool,
     with_non_finite => non_finite: NonFinitePolicy,
+    with_backend => backend: TokenBackend,
 });
 
 /// Token-level by-products of [`seq_logps`], as exact `(sum, count)` pairs.
@@ -317,20 +333,58 @@ pub(crate) fn active_rows(
 /// logits matrix, computed in `kind` (f32, or f64 for f64 inputs), with gradient
 /// `onehot(y) − softmax` into those rows and nothing into the others.
 ///
-/// This is the seam where the fused selected-token kernel of `amend-kernels` (value and gradient
-/// in one sweep, injected through `amend_losses::bridge`) replaces the tch composite for
-/// contiguous CPU f32 logits. The composite below selects the rows first (masked rows are never
+/// On the kernel backend (CPU f32 logits with [`TokenBackend::Auto`] or
+/// [`TokenBackend::Kernel`]) the fused selected-token kernel of `amend-kernels` computes value
+/// and gradient in one sweep over the logits' own storage (row scale −1 on the selected rows, 0
+/// elsewhere: `loss = log p_y`, `grad = e_y − p`), injected per row through
+/// [`crate::bridge`]. Otherwise the tch composite selects the rows first (masked rows are never
 /// read), then takes one `logsumexp` and one `gather`: the `[N, V]` log-softmax is never built.
+/// A batch the kernel rejects as non-finite takes the composite.
 pub(crate) fn selected_token_logps(
+    op: &'static str,
     logits2d: &Tensor,
     rows: &Tensor,
     targets: &Tensor,
     kind: Kind,
+    backend: TokenBackend,
 ) -> Result<Tensor> {
+    if kernel::use_kernel(op, backend, logits2d)?
+        && let Some(lp) = selected_token_logps_kernel(op, logits2d, rows, targets)?
+    {
+        return Ok(lp);
+    }
     let x = logits2d.f_index_select(0, rows)?.f_to_kind(kind)?;
     let lse = x.f_logsumexp([1i64].as_slice(), false)?;
     let xy = x.f_gather(1, &targets.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
     Ok(xy.f_sub(&lse)?)
+}
+
+/// The kernel half of [`selected_token_logps`]; `None` when a selected row is not finite.
+fn selected_token_logps_kernel(
+    op: &'static str,
+    logits2d: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
+) -> Result<Option<Tensor>> {
+    let r_total = logits2d.size()[0];
+    let n = rows.size()[0];
+    let device = logits2d.device();
+    let labels =
+        Tensor::f_zeros([r_total], (Kind::Int64, device))?.f_index_copy(0, rows, targets)?;
+    let scale = Tensor::f_zeros([r_total], (Kind::Float, device))?.f_index_fill(0, rows, -1.0)?;
+    let active = scale.f_ne(0.0)?;
+    let ys = CpuSlice::<i64>::strict(&labels, op, "input_ids")?;
+    let ss = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+    let cfg = SelectedLogpConfig::default().with_ignore_index(None).with_threads(kernel::threads());
+    let Some(fused) = kernel::fused(op, logits2d, |io, vocab, loss| {
+        let out = SelectedLogpOut::new(loss);
+        amend_kernels::selected_logp(io, vocab, ys.as_slice(), Some(ss.as_slice()), &cfg, out)
+    })?
+    else {
+        return Ok(None);
+    };
+    let lp = kernel::inject(logits2d, &fused, &active, n)?;
+    Ok(Some(lp.f_index_select(0, rows)?))
 }
 
 /// Scatters per-row values `[N]` into `[B, T−1]` (zeros elsewhere) and sums each sequence.
@@ -408,7 +462,8 @@ pub fn seq_logps(
     let kind = compute_kind(logits.kind());
     let tm1 = (t - 1).max(0);
     let logits2d = logits.f_reshape([b * t, v])?;
-    let lp_rows = selected_token_logps(&logits2d, &active.rows, &active.targets, kind)?;
+    let lp_rows =
+        selected_token_logps(OP, &logits2d, &active.rows, &active.targets, kind, cfg.backend)?;
     if cfg.non_finite == NonFinitePolicy::Error {
         check_lp_finite(OP, &lp_rows, &active, tm1, |r| {
             Ok(logits2d.f_get(i64::try_from(active.rows.f_get(r)?)?)?)
@@ -416,8 +471,7 @@ pub fn seq_logps(
     }
     let stats = if cfg.token_stats {
         let _guard = tch::no_grad_guard();
-        let x = logits2d.f_index_select(0, &active.rows)?;
-        Some(token_stats(&x, &active.targets)?)
+        Some(token_stats_of_rows(&logits2d, &active.rows, &active.targets)?)
     } else {
         None
     };
@@ -459,6 +513,30 @@ pub(crate) fn check_lp_finite(
             count,
         })
     }
+}
+
+/// [`token_stats`] of rows `rows` of `x [R, V]`, from per-row reductions of `x` (no copy of
+/// the rows).
+pub(crate) fn token_stats_of_rows(
+    x: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
+) -> Result<TokenStats> {
+    let n = rows.size()[0];
+    let v = x.size().get(1).copied().unwrap_or(0);
+    if n == 0 {
+        return Ok(TokenStats::default());
+    }
+    let x = x.f_detach()?;
+    let am = x.f_argmax(1, false)?.f_index_select(0, rows)?;
+    let correct = am.f_eq_tensor(targets)?.f_sum(Kind::Int64)?;
+    let sums = x.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Double)?;
+    Ok(TokenStats {
+        correct: i64::try_from(&correct)? as f64,
+        scored: n as f64,
+        logit_sum: f64::try_from(sums.f_index_select(0, rows)?.f_sum(Kind::Double)?)?,
+        logit_count: (n * v) as f64,
+    })
 }
 
 /// Accuracy and logit sums over the selected rows `x [N, V]`.

@@ -27,23 +27,47 @@ pub enum NonFinitePolicy {
 
 /// Which implementation computes the token losses and their gradients.
 ///
-/// Both implementations give the same values and the same gradients (to 1e-10 relative in f64);
-/// they differ in memory and speed.
+/// Every implementation gives the same values and the same gradients (the tch paths agree to
+/// 1e-10 relative in f64; the fused kernel agrees with them to the f32 tolerances of the
+/// workspace: loss relative 1e-5, gradient absolute 1e-6); they differ in memory and speed.
+///
+/// | backend | where it runs | what it keeps for `backward()` |
+/// |---|---|---|
+/// | `Auto` (default) | `Kernel` for CPU f32 logits, `Composite` otherwise (other devices, bf16, f16, f64); fused-linear losses: `Kernel` for CPU f32 hidden states, `ClosedForm` otherwise | as the chosen backend |
+/// | `Kernel` | CPU f32 only (an error otherwise) | the kernel's gradient `[N, V]` |
+/// | `Composite` | any device and float dtype | several `[n, V]` intermediates of autograd |
+/// | `ClosedForm` | any device and float dtype | the gradient `[n, V]` |
+///
+/// **Non-finite logits.** The kernel rejects an active row with NaN, `+inf` or no finite
+/// logit while it sweeps, so the kernel path needs no separate check (and no device sync).
+/// When it does reject a row, the loss is evaluated on the composite path instead, which then
+/// behaves exactly as it does on its own: with [`NonFinitePolicy::Error`] it returns the same
+/// [`Error::NonFiniteLogits`] naming the first offending position, with
+/// [`NonFinitePolicy::Propagate`] the NaN reaches that token's loss. So both policies give the
+/// same result on every backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum TokenBackend {
-    /// The best implementation for the inputs: [`TokenBackend::Composite`] for losses on
-    /// logits, the closed form for the fused-linear losses (which need the gradient per chunk).
+    /// The best implementation for the inputs: the fused kernel ([`TokenBackend::Kernel`]) for
+    /// CPU f32 logits (or, for the fused-linear losses, CPU f32 hidden states), otherwise
+    /// [`TokenBackend::Composite`] for losses on logits and [`TokenBackend::ClosedForm`] for the
+    /// fused-linear losses (which need the gradient per chunk).
     #[default]
     Auto,
     /// tch autograd over stable composite ops (`log_softmax`, masked log-sum-exp, `where`). The
     /// reference implementation; keeps several `[n, V]` intermediates alive for the backward pass.
     Composite,
-    /// Closed-form value and gradient computed in the forward call, then injected into autograd
-    /// through a surrogate (`ℓ.detach() + s − s.detach()` with `s = ⟨G, z⟩` per row). Keeps only
-    /// the gradient `[n, V]` alive; first-order only (no double backward).
+    /// Closed-form value and gradient computed in the forward call with tch ops, then injected
+    /// into autograd through a surrogate (`ℓ.detach() + s − s.detach()` with `s = ⟨G, z⟩` per
+    /// row). Keeps only the gradient `[n, V]` alive; first-order only (no double backward).
     ClosedForm,
+    /// The fused row kernels of [`amend_kernels`] (value and gradient in one sweep per row,
+    /// SIMD `exp`, no `[N, V]` temporaries), on the logits' own storage, with the gradient
+    /// injected into autograd per row through [`crate::bridge`]. Requires CPU f32 logits
+    /// ([`Error::InvalidConfig`] otherwise); first-order only. Threads: as many as libtorch's
+    /// intra-op pool (`tch::get_num_threads`), on scoped threads.
+    Kernel,
 }
 
 impl TokenBackend {
@@ -484,15 +508,64 @@ pub(crate) fn select_rows(
     Ok(rows)
 }
 
-/// Validation and row selection for the weighted losses (TNT, NL, UL-annotated).
-pub(crate) fn prepare_weighted(
+/// A validated token-level problem before any row is copied: sizes, the active positions, their
+/// count and the labels as i64. [`Plan::select`] copies the active rows for the tch paths; the
+/// kernel path reads the logits in place instead.
+pub(crate) struct Plan {
+    pub dims: Dims,
+    pub kind: Kind,
+    pub sel: RowSelection,
+    pub count: i64,
+    /// Labels (or the per-position ids the loss reads) `[B, T]`, i64.
+    pub labels: Tensor,
+    /// Active positions `[B, T]`, bool.
+    pub active: Tensor,
+}
+
+impl Plan {
+    /// A plan over `active` (`[B, T]` bool with `count` true entries).
+    pub(crate) fn new(
+        dims: Dims,
+        kind: Kind,
+        labels: Tensor,
+        active: Tensor,
+        count: i64,
+    ) -> Result<Plan> {
+        let sel = RowSelection::new(&active, count)?;
+        Ok(Plan { dims, kind, sel, count, labels, active })
+    }
+
+    /// Selects the active rows (copies) in the compute dtype and checks them per `policy`.
+    pub(crate) fn select(
+        self,
+        op: &'static str,
+        logits: &Tensor,
+        ref_logits: Option<&Tensor>,
+        policy: NonFinitePolicy,
+    ) -> Result<Prepared> {
+        let rows = select_rows(
+            op,
+            &self.sel,
+            self.dims,
+            self.kind,
+            logits,
+            ref_logits,
+            &self.labels,
+            policy,
+        )?;
+        Ok(Prepared { dims: self.dims, sel: self.sel, rows, count: self.count })
+    }
+}
+
+/// Validation of the weighted losses (TNT, NL, UL-annotated): shapes, devices, labels in range at
+/// `w ≠ 0`. Nothing is copied.
+pub(crate) fn plan_weighted(
     op: &'static str,
     logits: &Tensor,
     ref_logits: Option<&Tensor>,
     labels: &Tensor,
     weights: &TokenWeights,
-    policy: NonFinitePolicy,
-) -> Result<Prepared> {
+) -> Result<Plan> {
     let (dims, kind) = check_logits(op, logits)?;
     let device = logits.device();
     if let Some(r) = ref_logits {
@@ -504,10 +577,22 @@ pub(crate) fn prepare_weighted(
     check_bt(op, "weights", weights.signs(), dims, device)?;
     let active = weights.active_mask()?;
     let count = count_and_check_ids(op, "labels", &labels, &active, dims.v)?;
-    let sel = RowSelection::new(&active, count)?;
-    let mut rows = select_rows(op, &sel, dims, kind, logits, ref_logits, &labels, policy)?;
-    rows.neg = Some(sel.rows(&weights.signs().f_reshape([-1])?)?.f_lt(0)?);
-    Ok(Prepared { dims, sel, rows, count })
+    Plan::new(dims, kind, labels, active, count)
+}
+
+/// Row selection for the weighted losses after [`plan_weighted`]: the active rows and their
+/// negative-row mask.
+pub(crate) fn select_weighted(
+    op: &'static str,
+    plan: Plan,
+    logits: &Tensor,
+    ref_logits: Option<&Tensor>,
+    weights: &TokenWeights,
+    policy: NonFinitePolicy,
+) -> Result<Prepared> {
+    let mut prep = plan.select(op, logits, ref_logits, policy)?;
+    prep.rows.neg = Some(prep.sel.rows(&weights.signs().f_reshape([-1])?)?.f_lt(0)?);
+    Ok(prep)
 }
 
 /// Scatters row losses back to `[B, T]` token losses.

@@ -15,10 +15,16 @@ use super::common::{
     MetricSink, NonFinitePolicy, RowSelection, TokenBackend, as_ids, as_mask, check_device,
     check_finite_rows, check_shape, compute_kind, count_and_check_ids,
 };
+use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut};
+
+use super::kernel;
 use super::nll::{NllConfig, NllRows, nll_metrics};
 use super::rows::{RowLoss, Rows, row_loss_and_grad};
-use super::tnt::{TntConfig, TntRows, tnt_metrics};
+use super::tnt::{
+    TntConfig, TntKernelStats, TntRows, kernel_config as tnt_kernel_config, tnt_metrics,
+};
 use super::weights::TokenWeights;
+use crate::bridge::{ChunkBuf, CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, LossPart, Metrics, Reduction, Result};
 
 /// An LM head: `logits = hidden · weightᵀ (+ bias)`.
@@ -257,10 +263,12 @@ impl<'a> Problem<'a> {
             || self.head.bias.is_some_and(Tensor::requires_grad)
     }
 
-    /// Runs the chunked loss.
+    /// Runs the chunked loss. `fused` is the kernel flavour used when the backend resolves to
+    /// the fused kernels (CPU f32 hidden states).
     fn run(
         &self,
         loss: &dyn RowLoss,
+        fused: FusedChunk<'_>,
         buffers: usize,
         settings: (TokenBackend, NonFinitePolicy, Reduction),
         opts: &FusedLinearOptions,
@@ -285,6 +293,7 @@ impl<'a> Problem<'a> {
                 ),
             });
         }
+        let use_kernel = kernel::use_kernel(op, backend, &self.hidden)?;
         let sel = RowSelection::new(&self.active, self.count)?;
         let n = sel.len();
         let h_sel = sel.rows(&self.hidden)?;
@@ -309,11 +318,12 @@ impl<'a> Problem<'a> {
                     Some(b) => Some(b.f_detach()?.f_to_kind(kind)?),
                     None => None,
                 };
-                Some((Some((rh, rw, rb)), None))
+                Some(RefRows::Head(rh, rw, rb))
             }
             Some(Reference::Logits(rl)) => {
+                // Rows are gathered chunk by chunk (never all active rows at once).
                 let rl = rl.f_detach()?.f_reshape([-1, self.vocab])?;
-                Some((None, Some(sel.rows(&rl)?)))
+                Some(RefRows::Logits(rl, sel.indices(device)?))
             }
             None => None,
         };
@@ -326,6 +336,15 @@ impl<'a> Problem<'a> {
         let mut g_b =
             if need_b { Some(Tensor::f_zeros([self.vocab], (kind, device))?) } else { None };
         let chunk = opts.chunk(self.vocab, buffers);
+        // One logits buffer (and one for the reference) reused by every chunk: the kernel
+        // overwrites the logits with their gradient in place.
+        let cap = chunk.min(n.max(1));
+        let mut zbuf = if use_kernel { Some(ChunkBuf::new(cap, self.vocab)?) } else { None };
+        let zobuf = if use_kernel && ref_rows.is_some() {
+            Some(ChunkBuf::new(cap, self.vocab)?)
+        } else {
+            None
+        };
         let mut values = Vec::new();
         let mut all_metrics = Metrics::new();
         let _guard = tch::no_grad_guard();
@@ -333,39 +352,73 @@ impl<'a> Problem<'a> {
         while start < n {
             let len = chunk.min(n - start);
             let h_c = h.f_narrow(0, start, len)?;
-            let mut z_c = h_c.f_mm(&wt)?;
+            let labels_c = labels.f_narrow(0, start, len)?;
+            let neg_c = match &neg {
+                Some(neg) => Some(neg.f_narrow(0, start, len)?),
+                None => None,
+            };
+            let z_c = match &zbuf {
+                Some(buf) => {
+                    let z = buf.view(len)?;
+                    let _ = h_c.f_mm_out(&z, &wt)?;
+                    z
+                }
+                None => h_c.f_mm(&wt)?,
+            };
             if let Some(b) = &bias {
-                z_c = z_c.f_add(b)?;
+                let mut z = z_c.shallow_clone();
+                let _ = z.f_add_(b)?;
             }
             let zo_c = match &ref_rows {
-                Some((Some((rh, rw, rb)), _)) => {
-                    let mut zo = rh.f_narrow(0, start, len)?.f_mm(rw)?;
-                    if let Some(b) = rb {
-                        zo = zo.f_add(b)?;
-                    }
-                    Some(zo)
-                }
-                Some((None, Some(rl))) => Some(rl.f_narrow(0, start, len)?.f_to_kind(kind)?),
-                _ => None,
+                Some(r) => Some(r.chunk(start, len, zobuf.as_ref(), kind)?),
+                None => None,
             };
-            let to_flat = |r: i64| sel.flat_index(start + r);
-            let all_finite = check_finite_rows(op, "logits", &z_c, &to_flat, &self.lead, policy)?;
-            if let Some(zo) = &zo_c {
-                check_finite_rows(op, "ref_logits", zo, &to_flat, &self.lead, policy)?;
-            }
-            let mut rows = Rows::new(z_c, zo_c, labels.f_narrow(0, start, len)?);
-            rows.all_finite = all_finite;
-            if let Some(neg) = &neg {
-                rows.neg = Some(neg.f_narrow(0, start, len)?);
-            }
-            let value = if need_grad {
-                let ones = Tensor::f_ones([len], (kind, device))?;
-                let (value, g_c) = if backend == TokenBackend::Composite {
-                    // Differentiates the composite graph of this chunk (grad mode back on).
-                    tch::with_grad(|| row_loss_and_grad(loss, &rows, &ones, backend))?
-                } else {
-                    row_loss_and_grad(loss, &rows, &ones, TokenBackend::ClosedForm)?
-                };
+            let mut sink = MetricSink::default();
+            let fused_out = match zbuf.as_mut() {
+                Some(buf) => fused.run(
+                    op,
+                    buf,
+                    &z_c,
+                    zo_c.as_ref(),
+                    &labels_c,
+                    neg_c.as_ref(),
+                    need_grad,
+                    &mut sink,
+                )?,
+                None => None,
+            };
+            let (value, g_c) = match fused_out {
+                Some(value) => (value, need_grad.then(|| z_c.shallow_clone())),
+                None => {
+                    // Composite or closed form (also the fallback when the kernel rejected a row
+                    // as non-finite; the chunk's logits are then intact).
+                    sink = MetricSink::default();
+                    let to_flat = |r: i64| sel.flat_index(start + r);
+                    let all_finite =
+                        check_finite_rows(op, "logits", &z_c, &to_flat, &self.lead, policy)?;
+                    if let Some(zo) = &zo_c {
+                        check_finite_rows(op, "ref_logits", zo, &to_flat, &self.lead, policy)?;
+                    }
+                    let mut rows = Rows::new(z_c.shallow_clone(), zo_c, labels_c);
+                    rows.all_finite = all_finite;
+                    rows.neg = neg_c;
+                    let (value, g_c) = if need_grad {
+                        let ones = Tensor::f_ones([len], (kind, device))?;
+                        let (value, g_c) = if backend == TokenBackend::Composite {
+                            // Differentiates the composite graph of this chunk (grad mode on).
+                            tch::with_grad(|| row_loss_and_grad(loss, &rows, &ones, backend))?
+                        } else {
+                            row_loss_and_grad(loss, &rows, &ones, TokenBackend::ClosedForm)?
+                        };
+                        (value, Some(g_c))
+                    } else {
+                        (loss.closed_form(&rows, false)?.0, None)
+                    };
+                    metrics(&rows, &value, &mut sink)?;
+                    (value, g_c)
+                }
+            };
+            if let Some(g_c) = &g_c {
                 if let Some(g_h) = &g_h {
                     // Written in place into the rows of g_h (a contiguous view).
                     let out = g_h.f_narrow(0, start, len)?;
@@ -376,23 +429,20 @@ impl<'a> Problem<'a> {
                     let _ = g_w.f_addmm_(&g_c.f_tr()?, &h_c)?;
                 }
                 if let Some(g_b) = &mut g_b {
-                    *g_b = g_b.f_add(&g_c.f_sum_dim_intlist(0, false, kind)?)?;
+                    let _ = g_b.f_add_(&g_c.f_sum_dim_intlist(0, false, kind)?)?;
                 }
-                value
-            } else {
-                loss.closed_form(&rows, false)?.0
-            };
-            let mut sink = MetricSink::default();
-            metrics(&rows, &value, &mut sink)?;
+            }
             all_metrics.merge(&sink.finish()?);
             values.push(value);
             start += len;
         }
         drop(_guard);
+        drop(zbuf);
+        drop(zobuf);
         let row_values = if values.is_empty() {
             Tensor::f_zeros([0], (kind, device))?
         } else {
-            Tensor::f_cat(&values, 0)?
+            Tensor::f_cat(&values, 0)?.f_to_kind(kind)?
         };
         let per_example = sel.scatter(&row_values)?.f_reshape(self.lead.as_slice())?;
         let value = row_values.f_sum(Kind::Double)?.f_to_kind(kind)?;
@@ -437,6 +487,141 @@ impl<'a> Problem<'a> {
             parts: vec![LossPart { name: "tokens", sum, count: count as f64, weight: 1.0 }],
             metrics: all_metrics,
         })
+    }
+}
+
+/// The reference side of a fused-linear TNT problem, restricted to the active rows.
+enum RefRows {
+    /// Active reference hidden states `[n, H°]`, the head transposed `[H°, V]`, the bias.
+    Head(Tensor, Tensor, Option<Tensor>),
+    /// Precomputed reference logits `[N, V]` and the indices of the active rows.
+    Logits(Tensor, Tensor),
+}
+
+impl RefRows {
+    /// The reference logits of active rows `start .. start + len`, in `kind` (into `buf` when
+    /// one is given).
+    fn chunk(&self, start: i64, len: i64, buf: Option<&ChunkBuf>, kind: Kind) -> Result<Tensor> {
+        match self {
+            RefRows::Head(rh, rw, rb) => {
+                let rh_c = rh.f_narrow(0, start, len)?;
+                let zo = match buf {
+                    Some(b) => {
+                        let zo = b.view(len)?;
+                        let _ = rh_c.f_mm_out(&zo, rw)?;
+                        zo
+                    }
+                    None => rh_c.f_mm(rw)?,
+                };
+                if let Some(b) = rb {
+                    let mut z = zo.shallow_clone();
+                    let _ = z.f_add_(b)?;
+                }
+                Ok(zo)
+            }
+            RefRows::Logits(rl, idx) => {
+                let idx_c = idx.f_narrow(0, start, len)?;
+                match buf {
+                    Some(b) if rl.f_kind()? == Kind::Float => {
+                        let zo = b.view(len)?;
+                        let _ = rl.f_index_select_out(&zo, 0, &idx_c)?;
+                        Ok(zo)
+                    }
+                    _ => Ok(rl.f_index_select(0, &idx_c)?.f_to_kind(kind)?),
+                }
+            }
+        }
+    }
+}
+
+/// Which fused kernel evaluates the chunks of a fused-linear loss on the kernel backend.
+#[derive(Clone, Copy)]
+enum FusedChunk<'a> {
+    /// Cross-entropy: [`amend_kernels::selected_logp`].
+    Nll,
+    /// TNT: [`amend_kernels::tnt`].
+    Tnt(&'a TntConfig),
+}
+
+impl FusedChunk<'_> {
+    /// Metrics, then the kernel over one chunk of active rows whose logits are in `buf`
+    /// (`z` is the same storage as a tensor): the loss values `[len]` are returned and, with
+    /// `grad`, the logits are overwritten by `∂ℓ/∂z`. `None` (nothing written) when the kernel
+    /// rejected a row as non-finite.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        self,
+        op: &'static str,
+        buf: &mut ChunkBuf,
+        z: &Tensor,
+        zo: Option<&Tensor>,
+        labels: &Tensor,
+        neg: Option<&Tensor>,
+        grad: bool,
+        sink: &mut MetricSink,
+    ) -> Result<Option<Tensor>> {
+        let len = z.size()[0];
+        let vocab = usize::try_from(z.size()[1]).unwrap_or(0);
+        let y = CpuSlice::<i64>::new(labels, op, "labels")?;
+        let mut loss = CpuBuf::empty(&[len])?;
+        let mut tnt_stats = None;
+        let result = match self {
+            FusedChunk::Nll => {
+                let hit = kernel::argmax(z)?.f_eq_tensor(labels)?.f_sum(Kind::Float)?;
+                sink.add("mean_token_accuracy", &hit, len as f64)?;
+                let cfg = SelectedLogpConfig::default()
+                    .with_ignore_index(None)
+                    .with_threads(kernel::threads());
+                let zs = buf.rows_mut(len);
+                let io = if grad { LogitsIo::in_place(zs) } else { LogitsIo::value(zs) };
+                let out = SelectedLogpOut::new(loss.as_mut_slice());
+                amend_kernels::selected_logp(io, vocab, y.as_slice(), None, &cfg, out)
+            }
+            FusedChunk::Tnt(cfg) => {
+                let (Some(zo), Some(neg)) = (zo, neg) else {
+                    return Err(Error::InvalidInput {
+                        op,
+                        name: "ref_logits",
+                        reason: "internal: the TNT chunk has no reference or weights".into(),
+                    });
+                };
+                let all = neg.f_ones_like()?.f_to_kind(Kind::Bool)?;
+                let masked = usize::from(f64::try_from(z.f_min()?)? == f64::NEG_INFINITY);
+                let stats = match TntKernelStats::new(op, z, zo, labels, neg, &all, masked) {
+                    Ok(s) => s,
+                    Err(Error::Kernel(KernelError::NonFiniteRow { .. })) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let signs = neg.f_to_kind(Kind::Float)?.f_mul_scalar(-2.0)?.f_add_scalar(1.0)?;
+                let ws = CpuSlice::<f32>::new(&signs, op, "weights")?;
+                let zos = CpuSlice::<f32>::new(zo, op, "ref_logits")?;
+                let kcfg = tnt_kernel_config(cfg);
+                let zs = buf.rows_mut(len);
+                let io = if grad { LogitsIo::in_place(zs) } else { LogitsIo::value(zs) };
+                let r = amend_kernels::tnt(
+                    io,
+                    vocab,
+                    Some(zos.as_slice()),
+                    y.as_slice(),
+                    ws.as_slice(),
+                    &kcfg,
+                    loss.as_mut_slice(),
+                );
+                tnt_stats = Some(stats);
+                r
+            }
+        };
+        match result {
+            Ok(_) => {
+                let values = loss.into_tensor();
+                if let Some(stats) = tnt_stats {
+                    stats.record(&values, sink)?;
+                }
+                Ok(Some(values))
+            }
+            Err(KernelError::NonFiniteRow { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -512,6 +697,7 @@ pub fn fused_linear_nll_loss(
     problem.activate(active)?;
     problem.run(
         &NllRows,
+        FusedChunk::Nll,
         1,
         (cfg.backend, cfg.non_finite, cfg.reduction),
         opts,
@@ -601,6 +787,7 @@ pub fn fused_linear_tnt_loss(
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };
     problem.run(
         &rows_loss,
+        FusedChunk::Tnt(cfg),
         2,
         (cfg.backend, cfg.non_finite, cfg.reduction),
         opts,

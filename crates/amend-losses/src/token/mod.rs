@@ -33,13 +33,24 @@
 //!   above), without clamps, so unlikelihood terms keep a bounded, exact gradient when `p → 1`.
 //! * NaN or `+inf` logits at active positions are an error by default
 //!   ([`NonFinitePolicy::Error`]); [`NonFinitePolicy::Propagate`] skips the check (no device
-//!   sync) and lets them reach that token's loss.
+//!   sync) and lets them reach that token's loss. Both behave the same on every backend.
+//!
+//! # Backends
+//!
+//! Every config has a [`TokenBackend`]. The default, [`TokenBackend::Auto`], runs the fused row
+//! kernels of `amend-kernels` for CPU f32 logits (one sweep per row computes the token loss and
+//! its gradient, SIMD `exp`, no `[N, V]` temporaries; the gradient is injected into autograd per
+//! row) and tch autograd over stable composite ops everywhere else (other devices, bf16, f16,
+//! f64). Every token loss has a kernel: TNT and annotated UL use `amend_kernels::tnt`, NL and NLL
+//! `selected_logp`, Welleck and sequence UL `unlikelihood`, the reference KL `token_kl`. The
+//! fused-linear losses run the kernels in place over one reused `[C, V]` chunk buffer.
 //!
 //! The user guide with formulas, defaults and pitfalls is `docs/losses-token.md`; the normative
 //! specification is `specs/token-losses.md`.
 
 mod common;
 mod fused_linear;
+pub(crate) mod kernel;
 mod nl;
 mod nll;
 mod reference_kl;

@@ -6,12 +6,16 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
+
 use super::common::{
-    MetricSink, NonFinitePolicy, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, prepare_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
+    masked_sum, plan_weighted, select_weighted, token_losses,
 };
+use super::kernel::{self, fused, inject, override_rows, threads};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
 use super::weights::TokenWeights;
+use crate::bridge::{CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Configuration of [`nl_loss`].
@@ -197,7 +201,13 @@ pub fn nl_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "nl_loss";
     cfg.validate()?;
-    let prep = prepare_weighted(OP, logits, None, labels, weights, cfg.non_finite)?;
+    let plan = plan_weighted(OP, logits, None, labels, weights)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = nl_kernel(OP, &plan, logits, weights, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = select_weighted(OP, plan, logits, None, weights, cfg.non_finite)?;
     let rows_loss = NlRows { alpha: cfg.alpha, threshold: cfg.threshold };
     let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
     let mut sink = MetricSink::default();
@@ -212,4 +222,50 @@ pub fn nl_loss(
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
+}
+
+/// [`nl_loss`] on the fused selected-token kernel: per-row scale `+1` at positives (`−log p_y`,
+/// `p − e_y`) and `−α` at negatives (`α·log p_y`, `α(e_y − p)`), then the floor: negative rows
+/// with `log p_y < θ` get the value `α·θ` and a zero gradient row. `None`: a row was rejected as
+/// non-finite, take the composite path.
+fn nl_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    weights: &TokenWeights,
+    cfg: &NlConfig,
+) -> Result<Option<LossOutput>> {
+    let neg = weights.negative_mask()?;
+    let pos = plan.active.f_logical_and(&neg.f_logical_not()?)?;
+    // With α = 0 the negative rows still need log p_y (metrics): scale −1, zeroed afterwards.
+    let neg_scale = if cfg.alpha > 0.0 { -cfg.alpha } else { -1.0 };
+    let scale = pos
+        .f_to_kind(Kind::Float)?
+        .f_add(&neg.f_to_kind(Kind::Float)?.f_mul_scalar(neg_scale)?)?
+        .f_contiguous()?;
+    let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+    let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
+    let mut logp = CpuBuf::empty(&plan.active.size())?;
+    let kcfg = SelectedLogpConfig::default().with_ignore_index(None).with_threads(threads());
+    let Some(mut fused) = fused(op, logits, |io, vocab, loss| {
+        let out = SelectedLogpOut::new(loss).with_logp(logp.as_mut_slice());
+        amend_kernels::selected_logp(io, vocab, y.as_slice(), Some(s.as_slice()), &kcfg, out)
+    })?
+    else {
+        return Ok(None);
+    };
+    let l_y = logp.into_tensor();
+    let floored = match cfg.threshold {
+        Some(theta) => l_y.f_lt(theta)?.f_logical_and(&neg)?,
+        None => neg.f_zeros_like()?,
+    };
+    let fixed = if cfg.alpha > 0.0 { floored.shallow_clone() } else { neg.shallow_clone() };
+    override_rows(&mut fused, &fixed, cfg.alpha * cfg.threshold.unwrap_or(0.0))?;
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
+    let mut sink = MetricSink::default();
+    sink.add("nl/neg_logp", &masked_sum(&l_y, &neg)?, n_neg)?;
+    sink.add("nl/floored", &floored.f_sum(Kind::Float)?, n_neg)?;
+    sink.add("nl/pos_nll", &masked_sum(&l_y.f_neg()?, &pos)?, n_pos)?;
+    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

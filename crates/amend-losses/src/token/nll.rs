@@ -3,11 +3,15 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
+
 use super::common::{
-    MetricSink, NonFinitePolicy, Prepared, RowSelection, TokenBackend, as_ids, as_mask, check_bt,
-    check_logits, check_reduction, count_and_check_ids, finish, select_rows, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
+    check_reduction, count_and_check_ids, finish, masked_sum, token_losses,
 };
+use super::kernel::{self, argmax, fused, inject, row_scale, threads};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
+use crate::bridge::CpuSlice;
 use crate::{LossOutput, Reduction, Result};
 
 /// Configuration of [`nll_loss`] and [`conditional_nll_loss`].
@@ -106,13 +110,13 @@ fn nll_active(
     Ok(active)
 }
 
-fn prepare_nll(
+fn plan_nll(
     op: &'static str,
     logits: &Tensor,
     labels: &Tensor,
     loss_mask: Option<&Tensor>,
     cfg: &NllConfig,
-) -> Result<Prepared> {
+) -> Result<Plan> {
     cfg.validate()?;
     let (dims, kind) = check_logits(op, logits)?;
     let device = logits.device();
@@ -123,9 +127,33 @@ fn prepare_nll(
     let labels = as_ids(op, "labels", labels)?;
     let active = nll_active(op, &labels, loss_mask, cfg.ignore_index)?;
     let count = count_and_check_ids(op, "labels", &labels, &active, dims.v)?;
-    let sel = RowSelection::new(&active, count)?;
-    let rows = select_rows(op, &sel, dims, kind, logits, None, &labels, cfg.non_finite)?;
-    Ok(Prepared { dims, sel, rows, count })
+    Plan::new(dims, kind, labels, active, count)
+}
+
+/// [`nll_loss`] on the fused selected-token kernel; `None`: a row was rejected as non-finite,
+/// take the composite path.
+fn nll_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    cfg: &NllConfig,
+) -> Result<Option<LossOutput>> {
+    let scale = row_scale(&plan.active)?;
+    let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+    let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
+    let kcfg = SelectedLogpConfig::default().with_ignore_index(None).with_threads(threads());
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        let out = SelectedLogpOut::new(loss);
+        amend_kernels::selected_logp(io, vocab, y.as_slice(), Some(s.as_slice()), &kcfg, out)
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let mut sink = MetricSink::default();
+    let hit = argmax(logits)?.f_eq_tensor(&plan.labels)?.f_to_kind(Kind::Float)?;
+    sink.add("mean_token_accuracy", &masked_sum(&hit, &plan.active)?, plan.count as f64)?;
+    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }
 
 /// Token negative log-likelihood (cross-entropy with hard labels).
@@ -177,7 +205,13 @@ pub fn nll_loss(
     cfg: &NllConfig,
 ) -> Result<LossOutput> {
     const OP: &str = "nll_loss";
-    let prep = prepare_nll(OP, logits, labels, loss_mask, cfg)?;
+    let plan = plan_nll(OP, logits, labels, loss_mask, cfg)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = nll_kernel(OP, &plan, logits, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = plan.select(OP, logits, None, cfg.non_finite)?;
     let mut sink = MetricSink::default();
     let row_loss =
         eval_rows(&NllRows, &prep.rows, cfg.backend, &mut |rows, _| nll_metrics(rows, &mut sink))?;

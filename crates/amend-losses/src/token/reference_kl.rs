@@ -3,15 +3,19 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::{KlTarget, TokenKlConfig};
+
 use super::common::{
-    MetricSink, NonFinitePolicy, RowSelection, TokenBackend, as_ids, as_mask, check_bt,
-    check_logits, check_nonneg_finite, check_reduction, check_shape, compute_kind,
-    count_and_check_ids, finish, select_rows, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
+    check_nonneg_finite, check_reduction, check_shape, compute_kind, count_and_check_ids, finish,
+    token_losses,
 };
+use super::kernel::{self, argmax, fused, inject, row_scale, target_argmax, threads};
 use super::rows::{
     LogProbs, RowLoss, Rows, ce_grad, ce_value, eval_rows, onehot, ref_log_target, rkl_grad,
     rkl_value, smooth,
 };
+use crate::bridge::CpuSlice;
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Direction of [`reference_kl_loss`].
@@ -273,15 +277,20 @@ pub fn reference_kl_loss(
     let check = active.f_logical_and(&ex.f_ge(0)?)?;
     count_and_check_ids(OP, "exclude", &ex, &check, dims.v)?;
     let count = i64::try_from(&active.f_sum(Kind::Int64)?)?;
-    let sel = RowSelection::new(&active, count)?;
-    let mut rows =
-        select_rows(OP, &sel, dims, kind, logits, Some(ref_logits), &ex, cfg.non_finite)?;
+    let plan = Plan::new(dims, kind, ex, active, count)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) =
+            reference_kl_kernel(OP, &plan, logits, ref_logits, exclude.is_some(), cfg)?
+    {
+        return Ok(out);
+    }
+    let mut prep = plan.select(OP, logits, Some(ref_logits), cfg.non_finite)?;
     if cfg.temperature != 1.0 {
         let inv = 1.0 / cfg.temperature;
-        rows.z = rows.z.f_mul_scalar(inv)?;
-        rows.zo = Some(rows.zo()?.f_mul_scalar(inv)?);
+        prep.rows.z = prep.rows.z.f_mul_scalar(inv)?;
+        prep.rows.zo = Some(prep.rows.zo()?.f_mul_scalar(inv)?);
     }
-    let prep = super::common::Prepared { dims, sel, rows, count };
+    let count = prep.count;
     let rows_loss =
         RefKlRows { direction: cfg.direction, value: cfg.value, eps: cfg.smoothing_eps };
     let mut sink = MetricSink::default();
@@ -327,4 +336,58 @@ pub fn count_active_reference_kl(
         }
         None => Ok((b_sz * seq_len) as f64),
     }
+}
+
+/// [`reference_kl_loss`] on the fused KL kernel ([`amend_kernels::token_kl`] with a
+/// `Reference` target built from `ref_logits` inside the kernel); `None`: a row was rejected as
+/// non-finite, take the composite path.
+fn reference_kl_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    ref_logits: &Tensor,
+    has_exclude: bool,
+    cfg: &RefKlConfig,
+) -> Result<Option<LossOutput>> {
+    let zo = CpuSlice::<f32>::new(ref_logits, op, "ref_logits")?;
+    let ex = CpuSlice::<i64>::new(&plan.labels, op, "exclude")?;
+    let scale = row_scale(&plan.active)?;
+    let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+    let kcfg = TokenKlConfig::default()
+        .with_direction(match cfg.direction {
+            KlDirection::Forward => amend_kernels::KlDirection::Forward,
+            KlDirection::Reverse => amend_kernels::KlDirection::Reverse,
+        })
+        .with_value(match cfg.value {
+            KlValue::Divergence => amend_kernels::KlValue::Divergence,
+            KlValue::CrossEntropy => amend_kernels::KlValue::CrossEntropy,
+        })
+        .with_smoothing_eps(cfg.smoothing_eps)
+        .with_temperature(cfg.temperature)
+        .with_ignore_index(None)
+        .with_threads(threads());
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        let exclude = has_exclude.then_some(ex.as_slice());
+        let target = KlTarget::Reference { ref_logits: zo.as_slice(), exclude };
+        amend_kernels::token_kl(io, vocab, target, Some(s.as_slice()), &kcfg, loss)
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let count = plan.count as f64;
+    let mut sink = MetricSink::default();
+    let values = fused.values.f_where_scalarother(&plan.active, 0.0)?;
+    sink.add("kl", &values.f_sum(Kind::Float)?, count)?;
+    // The target's argmax: z° over the row vocabulary of z, without the excluded token
+    // (temperature and smoothing do not move it).
+    let am_t = if has_exclude || fused.stats.masked_vocab_rows > 0 {
+        let exclude = has_exclude.then_some(&plan.labels);
+        target_argmax(op, ref_logits, logits, exclude, &plan.active)?
+    } else {
+        argmax(ref_logits)?
+    };
+    let agree = argmax(logits)?.f_eq_tensor(&am_t)?.f_logical_and(&plan.active)?;
+    sink.add("ref_kl/top1_agreement", &agree.f_sum(Kind::Float)?, count)?;
+    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

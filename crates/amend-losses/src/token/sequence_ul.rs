@@ -11,13 +11,16 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::UnlikelihoodConfig;
+
 use super::common::{
-    MetricSink, NonFinitePolicy, Prepared, RowSelection, TokenBackend, as_ids, as_mask, check_bt,
-    check_logits, check_reduction, check_shape, count_and_check_ids, finish, select_rows,
-    token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
+    check_reduction, check_shape, count_and_check_ids, finish, masked_sum, token_losses,
 };
+use super::kernel::{self, fused, inject, logp_at, threads};
 use super::rows::{RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad};
 use super::ul_annotated::label_candidates;
+use crate::bridge::CpuSlice;
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// Which continuation tokens [`sequence_ul_loss`] penalises.
@@ -294,9 +297,13 @@ pub fn sequence_ul_loss(
     };
     let penalised = m.f_logical_and(&valid_mask)?;
     let n_pen = i64::try_from(&penalised.f_sum(Kind::Int64)?)?;
-    let sel = RowSelection::new(&penalised, n_pen)?;
-    let rows = select_rows(OP, &sel, dims, kind, logits, None, &tokens, cfg.non_finite)?;
-    let prep = Prepared { dims, sel, rows, count };
+    let plan = Plan::new(dims, kind, tokens, penalised, n_pen)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = sequence_ul_kernel(OP, &plan, logits, count, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = plan.select(OP, logits, None, cfg.non_finite)?;
     let mut sink = MetricSink::default();
     sink.add_value("seq_ul/repeat_fraction", n_pen as f64, count as f64)?;
     let row_loss = eval_rows(&SeqUlRows, &prep.rows, cfg.backend, &mut |rows, _| {
@@ -499,4 +506,32 @@ pub fn continuation_logits(logits: &Tensor, prefix_len: i64) -> Result<Tensor> {
         });
     }
     Ok(logits.f_narrow(1, prefix_len - 1, len - prefix_len)?)
+}
+
+/// [`sequence_ul_loss`] on the fused unlikelihood kernel: one candidate per penalised row (its
+/// continuation token), no NLL term, `α = 1`. `count` is the number of valid tokens (the
+/// normalisation); `None`: a row was rejected as non-finite, take the composite path.
+fn sequence_ul_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    count: i64,
+    cfg: &SequenceUlConfig,
+) -> Result<Option<LossOutput>> {
+    let cand = plan.labels.f_where_scalarother(&plan.active, -1)?.f_contiguous()?;
+    let ids = CpuSlice::<i64>::strict(&cand, op, "continuation")?;
+    let kcfg = UnlikelihoodConfig::default().with_alpha(1.0).with_threads(threads());
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        let c = amend_kernels::Candidates::Padded { ids: ids.as_slice(), width: 1 };
+        amend_kernels::unlikelihood(io, vocab, None, c, None, &kcfg, loss)
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let (l_y, _) = tch::no_grad(|| logp_at(op, logits, &plan.labels, &plan.active))?;
+    let mut sink = MetricSink::default();
+    sink.add_value("seq_ul/repeat_fraction", plan.count as f64, count as f64)?;
+    sink.add("seq_ul/repeat_mass", &masked_sum(&l_y.f_exp()?, &plan.active)?, plan.count as f64)?;
+    finish(op, tok, count, cfg.reduction, sink.finish()?).map(Some)
 }

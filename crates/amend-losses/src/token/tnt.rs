@@ -7,15 +7,21 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::{KlTarget, LogitsIo, TntKernelConfig, TokenKlConfig};
+
 use super::common::{
-    MetricSink, NonFinitePolicy, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, prepare_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
+    masked_sum, plan_weighted, select_weighted, token_losses,
+};
+use super::kernel::{
+    self, argmax, fused, inject, logp_at, restrict_to_support, row_scale, target_argmax, threads,
 };
 use super::rows::{
     LogProbs, RefParts, RowLoss, Rows, ce_grad, ce_value, eval_rows, kl_metric, label_log_target,
     rkl_grad, rkl_value, select_scalar, smooth,
 };
 use super::weights::TokenWeights;
+use crate::bridge::{CpuBuf, CpuSlice};
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// The five TNT variants, named `TN{negative}{positive}`: the divergence used at negative
@@ -408,7 +414,13 @@ pub fn tnt_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "tnt_loss";
     cfg.validate()?;
-    let prep = prepare_weighted(OP, logits, Some(ref_logits), labels, weights, cfg.non_finite)?;
+    let plan = plan_weighted(OP, logits, Some(ref_logits), labels, weights)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = tnt_kernel(OP, &plan, logits, ref_logits, weights, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = select_weighted(OP, plan, logits, Some(ref_logits), weights, cfg.non_finite)?;
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };
     let mut sink = MetricSink::default();
     let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, values| {
@@ -416,4 +428,149 @@ pub fn tnt_loss(
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
+}
+
+/// The kernel's variant for a TNT variant.
+pub(crate) fn kernel_variant(variant: TntVariant) -> amend_kernels::TntVariant {
+    match variant {
+        TntVariant::Ff => amend_kernels::TntVariant::Tnff,
+        TntVariant::Rr => amend_kernels::TntVariant::Tnrr,
+        TntVariant::Rf => amend_kernels::TntVariant::Tnrf,
+        TntVariant::Fll => amend_kernels::TntVariant::Tnfll,
+        TntVariant::Rll => amend_kernels::TntVariant::Tnrll,
+    }
+}
+
+/// The kernel configuration of `cfg` (values in cross-entropy form for forward terms, as
+/// upstream and as the composite path).
+pub(crate) fn kernel_config(cfg: &TntConfig) -> TntKernelConfig {
+    TntKernelConfig::new(kernel_variant(cfg.variant))
+        .with_alpha(cfg.alpha)
+        .with_smoothing_eps(cfg.smoothing_eps)
+        .with_forward_value(amend_kernels::KlValue::CrossEntropy)
+        .with_threads(threads())
+}
+
+/// [`tnt_loss`] on the fused kernel (`None`: a row was rejected as non-finite, take the
+/// composite path).
+fn tnt_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    ref_logits: &Tensor,
+    weights: &TokenWeights,
+    cfg: &TntConfig,
+) -> Result<Option<LossOutput>> {
+    let signs = weights.signs().f_to_kind(Kind::Float)?;
+    let zo = CpuSlice::<f32>::new(ref_logits, op, "ref_logits")?;
+    let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
+    let w = CpuSlice::<f32>::new(&signs, op, "weights")?;
+    let kcfg = kernel_config(cfg);
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        amend_kernels::tnt(io, vocab, Some(zo.as_slice()), y.as_slice(), w.as_slice(), &kcfg, loss)
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let mut sink = MetricSink::default();
+    let neg = weights.negative_mask()?;
+    let stats = TntKernelStats::new(
+        op,
+        logits,
+        ref_logits,
+        &plan.labels,
+        &neg,
+        &plan.active,
+        fused.stats.masked_vocab_rows,
+    )?;
+    stats.record(&fused.values, &mut sink)?;
+    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
+}
+
+/// The per-row quantities behind the TNT metrics, computed with value-only kernel calls (no
+/// `[N, V]` temporaries): the same metrics as [`tnt_metrics`] on the composite path.
+pub(crate) struct TntKernelStats {
+    neg: Tensor,
+    pos: Tensor,
+    /// `log p_y` at negative rows.
+    l_y: Tensor,
+    /// `log p°_y` (over the row vocabulary of `z`) at negative rows.
+    ref_l_y: Tensor,
+    /// `KL(t ‖ p)` to the ideal target (`q` at negatives, `p°` at positives).
+    kl: Tensor,
+    /// `argmax z = y`.
+    top1: Tensor,
+    /// `argmax z = argmax z°`.
+    agree: Tensor,
+}
+
+impl TntKernelStats {
+    /// Statistics of the rows of `z` / `zo` (`[..., V]`, CPU f32 or convertible), `labels`,
+    /// `neg` and `active` shaped like the leading dimensions; `masked_rows` is the kernel's count
+    /// of active rows with `−inf` logits.
+    pub(crate) fn new(
+        op: &'static str,
+        z: &Tensor,
+        zo: &Tensor,
+        labels: &Tensor,
+        neg: &Tensor,
+        active: &Tensor,
+        masked_rows: usize,
+    ) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let pos = active.f_logical_and(&neg.f_logical_not()?)?;
+        let (l_y, _) = logp_at(op, z, labels, neg)?;
+        let zo_r = restrict_to_support(zo, z, masked_rows)?;
+        let (ref_l_y, _) = logp_at(op, &zo_r, labels, neg)?;
+        // KL to the ideal (unsmoothed) target: q (label removed) at negatives, p° at positives.
+        let exclude = labels.f_where_scalarother(neg, -1)?.f_contiguous()?;
+        let ex = CpuSlice::<i64>::strict(&exclude, op, "exclude")?;
+        let zs = CpuSlice::<f32>::new(z, op, "logits")?;
+        let zos = CpuSlice::<f32>::new(zo, op, "ref_logits")?;
+        let scale = row_scale(active)?;
+        let ss = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+        let mut kl = CpuBuf::empty(&active.size())?;
+        let vocab = usize::try_from(z.size().last().copied().unwrap_or(0)).unwrap_or(0);
+        let kcfg = TokenKlConfig::default().with_ignore_index(None).with_threads(threads());
+        amend_kernels::token_kl(
+            LogitsIo::value(zs.as_slice()),
+            vocab,
+            KlTarget::Reference { ref_logits: zos.as_slice(), exclude: Some(ex.as_slice()) },
+            Some(ss.as_slice()),
+            &kcfg,
+            kl.as_mut_slice(),
+        )?;
+        let am = argmax(z)?;
+        let top1 = am.f_eq_tensor(labels)?;
+        let am_ref =
+            if masked_rows == 0 { argmax(zo)? } else { target_argmax(op, zo, z, None, active)? };
+        let agree = am.f_eq_tensor(&am_ref)?;
+        Ok(TntKernelStats {
+            neg: neg.shallow_clone(),
+            pos,
+            l_y,
+            ref_l_y,
+            kl: kl.into_tensor(),
+            top1,
+            agree,
+        })
+    }
+
+    /// Adds the TNT metrics (see [`tnt_loss`]) given the token losses `values` (detached).
+    pub(crate) fn record(&self, values: &Tensor, sink: &mut MetricSink) -> Result<()> {
+        let (neg, pos) = (&self.neg, &self.pos);
+        let n_neg = neg.f_sum(Kind::Float)?;
+        let n_pos = pos.f_sum(Kind::Float)?;
+        let f = |t: &Tensor| t.f_to_kind(Kind::Float);
+        sink.add_counted("tnt/neg_mass", &masked_sum(&self.l_y.f_exp()?, neg)?, &n_neg)?;
+        sink.add_counted("tnt/ref_neg_mass", &masked_sum(&self.ref_l_y.f_exp()?, neg)?, &n_neg)?;
+        sink.add_counted("tnt/neg_top1", &masked_sum(&f(&self.top1)?, neg)?, &n_neg)?;
+        sink.add_counted("tnt/neg_kl", &masked_sum(&self.kl, neg)?, &n_neg)?;
+        sink.add_counted("tnt/pos_kl", &masked_sum(&self.kl, pos)?, &n_pos)?;
+        sink.add_counted("tnt/pos_top1_agreement", &masked_sum(&f(&self.agree)?, pos)?, &n_pos)?;
+        sink.add_counted("tnt/neg_loss", &masked_sum(values, neg)?, &n_neg)?;
+        sink.add_counted("tnt/pos_loss", &masked_sum(values, pos)?, &n_pos)?;
+        Ok(())
+    }
 }

@@ -4,14 +4,18 @@
 //! <https://arxiv.org/abs/1908.04319>, with the annotated token as the only candidate.
 
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use amend_kernels::{TntKernelConfig, TntVariant};
 
 use super::common::{
-    MetricSink, NonFinitePolicy, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, prepare_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
+    masked_sum, plan_weighted, select_weighted, token_losses,
 };
+use super::kernel::{self, fused, inject, logp_at, threads};
 use super::rows::{CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad};
 use super::weights::TokenWeights;
+use crate::bridge::CpuSlice;
 use crate::{LossOutput, Reduction, Result};
 
 /// Configuration of [`ul_annotated_loss`].
@@ -161,7 +165,13 @@ pub fn ul_annotated_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "ul_annotated_loss";
     cfg.validate()?;
-    let prep = prepare_weighted(OP, logits, None, labels, weights, cfg.non_finite)?;
+    let plan = plan_weighted(OP, logits, None, labels, weights)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = ul_annotated_kernel(OP, &plan, logits, weights, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = select_weighted(OP, plan, logits, None, weights, cfg.non_finite)?;
     let rows_loss = UlAnnotatedRows { alpha: cfg.alpha };
     let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
     let mut sink = MetricSink::default();
@@ -174,4 +184,37 @@ pub fn ul_annotated_loss(
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
+}
+
+/// [`ul_annotated_loss`] on the fused kernel ([`amend_kernels::tnt`], `UlAnnotated`); `None`: a
+/// row was rejected as non-finite, take the composite path.
+fn ul_annotated_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    weights: &TokenWeights,
+    cfg: &UlAnnotatedConfig,
+) -> Result<Option<LossOutput>> {
+    let signs = weights.signs().f_to_kind(Kind::Float)?;
+    let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
+    let w = CpuSlice::<f32>::new(&signs, op, "weights")?;
+    let kcfg =
+        TntKernelConfig::new(TntVariant::UlAnnotated).with_alpha(cfg.alpha).with_threads(threads());
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        amend_kernels::tnt(io, vocab, None, y.as_slice(), w.as_slice(), &kcfg, loss)
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let neg = weights.negative_mask()?;
+    let pos = plan.active.f_logical_and(&neg.f_logical_not()?)?;
+    // p_y at the negatives (usually few rows): one value-only sweep over those rows.
+    let (l_y, _) = tch::no_grad(|| logp_at(op, logits, &plan.labels, &neg))?;
+    let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
+    let mut sink = MetricSink::default();
+    sink.add("ul/neg_mass", &masked_sum(&l_y.f_exp()?, &neg)?, n_neg)?;
+    // At positives the token loss is −log p_y.
+    sink.add("ul/pos_nll", &masked_sum(&fused.values, &pos)?, n_pos)?;
+    finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

@@ -7,16 +7,20 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use amend_kernels::UnlikelihoodConfig;
+
 use super::common::{
-    Dims, MetricSink, NonFinitePolicy, Prepared, RowSelection, TokenBackend, as_ids, as_mask,
+    Dims, MetricSink, NonFinitePolicy, Plan, Prepared, RowSelection, TokenBackend, as_ids, as_mask,
     check_bt, check_logits, check_nonneg_finite, check_reduction, check_shape, count_and_check_ids,
-    finish, select_rows, token_losses, unravel,
+    finish, masked_sum, token_losses, unravel,
 };
+use super::kernel::{self, argmax, fused, inject, logp_at, row_scale, threads};
 use super::nll::nll_metrics;
 use super::rows::{
     CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad, row_sum,
 };
-use crate::{Error, LossOutput, Reduction, Result};
+use crate::bridge::CpuSlice;
+use crate::{Error, LossOutput, Metrics, Reduction, Result};
 
 /// Where the unlikelihood candidates of each position come from.
 #[derive(Debug, Clone, Copy)]
@@ -148,11 +152,11 @@ fn build_candidates(
     cfg: &WelleckUlConfig,
     labels: &Tensor,
     sel: &RowSelection,
-    rows: &Rows,
+    x: &Tensor,
     dims: Dims,
 ) -> Result<CandidateList> {
     let device = labels.device();
-    let x = rows.labels.f_unsqueeze(1)?;
+    let x = x.f_unsqueeze(1)?;
     match candidates {
         Candidates::PreviousContext => {
             let flat = sel.indices(device)?;
@@ -227,14 +231,14 @@ impl RowLoss for WelleckRows {
 }
 
 /// Validation and row selection for [`welleck_ul_loss`].
-fn prepare(
+fn plan(
     op: &'static str,
     logits: &Tensor,
     labels: &Tensor,
     loss_mask: Option<&Tensor>,
     candidates: Candidates<'_>,
     cfg: &WelleckUlConfig,
-) -> Result<Prepared> {
+) -> Result<Plan> {
     cfg.validate()?;
     let (dims, kind) = check_logits(op, logits)?;
     let device = logits.device();
@@ -256,10 +260,109 @@ fn prepare(
         }
         Candidates::Explicit(_) => count_and_check_ids(op, "labels", &labels, &active, dims.v)?,
     };
-    let sel = RowSelection::new(&active, count)?;
-    let mut rows = select_rows(op, &sel, dims, kind, logits, None, &labels, cfg.non_finite)?;
-    rows.cand = Some(build_candidates(op, candidates, cfg, &labels, &sel, &rows, dims)?);
-    Ok(Prepared { dims, sel, rows, count })
+    Plan::new(dims, kind, labels, active, count)
+}
+
+fn prepare(
+    op: &'static str,
+    plan: Plan,
+    logits: &Tensor,
+    candidates: Candidates<'_>,
+    cfg: &WelleckUlConfig,
+) -> Result<Prepared> {
+    let labels = plan.labels.shallow_clone();
+    let mut prep = plan.select(op, logits, None, cfg.non_finite)?;
+    let (sel, dims) = (&prep.sel, prep.dims);
+    prep.rows.cand =
+        Some(build_candidates(op, candidates, cfg, &labels, sel, &prep.rows.labels, dims)?);
+    Ok(prep)
+}
+
+/// [`welleck_ul_loss`] on the fused unlikelihood kernel, with the candidate lists padded to
+/// `[B·T, K]` (`−1` = empty slot); `None`: a row was rejected as non-finite, take the
+/// composite path.
+fn welleck_kernel(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    candidates: Candidates<'_>,
+    cfg: &WelleckUlConfig,
+) -> Result<Option<LossOutput>> {
+    let dims = plan.dims;
+    let x = plan.sel.rows(&plan.labels.f_reshape([-1])?)?;
+    let cand = build_candidates(op, candidates, cfg, &plan.labels, &plan.sel, &x, dims)?;
+    let k = cand.ids.size()[1];
+    let ids = cand.ids.f_where_scalarother(&cand.valid, -1)?;
+    let full = Tensor::f_full([dims.n(), k], -1, (Kind::Int64, logits.device()))?.f_index_copy(
+        0,
+        &plan.sel.indices(logits.device())?,
+        &ids,
+    )?;
+    let ids_s = CpuSlice::<i64>::strict(&full, op, "candidates")?;
+    let scale = row_scale(&plan.active)?;
+    let s = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
+    let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
+    let kcfg = UnlikelihoodConfig::default()
+        .with_alpha(cfg.alpha)
+        .with_ignore_index(None)
+        .with_threads(threads());
+    let width = usize::try_from(k).unwrap_or(0);
+    let Some(fused) = fused(op, logits, |io, vocab, loss| {
+        let c = amend_kernels::Candidates::Padded { ids: ids_s.as_slice(), width };
+        amend_kernels::unlikelihood(
+            io,
+            vocab,
+            Some(y.as_slice()),
+            c,
+            Some(s.as_slice()),
+            &kcfg,
+            loss,
+        )
+    })?
+    else {
+        return Ok(None);
+    };
+    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let metrics =
+        tch::no_grad(|| welleck_kernel_metrics(op, plan, logits, &full, &fused.values, cfg))?;
+    finish(op, tok, plan.count, cfg.reduction, metrics).map(Some)
+}
+
+/// The metrics of [`welleck_ul_loss`] on the kernel path (value-only `log p_x`, gathered `p_c`).
+fn welleck_kernel_metrics(
+    op: &'static str,
+    plan: &Plan,
+    logits: &Tensor,
+    full: &Tensor,
+    values: &Tensor,
+    cfg: &WelleckUlConfig,
+) -> Result<Metrics> {
+    let dims = plan.dims;
+    let k = full.size()[1];
+    let count = plan.count as f64;
+    let active = &plan.active;
+    let (l_x, lse) = logp_at(op, logits, &plan.labels, active)?;
+    let nll = l_x.f_neg()?;
+    // p_c = exp(z_c − LSE) at the valid slots.
+    let valid = full.f_ge(0)?;
+    let slots = full.f_clamp_min(0)?.f_reshape([dims.b, dims.t, k])?;
+    let z_c = logits.f_detach()?.f_gather(2, &slots, false)?.f_reshape([dims.n(), k])?;
+    let p_c = z_c
+        .f_sub(&lse.f_reshape([-1, 1])?)?
+        .f_exp()?
+        .f_where_scalarother(&valid, 0.0)?
+        .f_sum_dim_intlist(-1, false, Kind::Float)?;
+    let mut sink = MetricSink::default();
+    sink.add("ul/nll", &masked_sum(&nll, active)?, count)?;
+    if cfg.alpha > 0.0 {
+        let penalty = masked_sum(&values.f_sub(&nll)?, active)?.f_div_scalar(cfg.alpha)?;
+        sink.add("ul/candidate_penalty", &penalty, count)?;
+    }
+    sink.add("ul/num_candidates", &valid.f_sum(Kind::Float)?, count)?;
+    sink.add("ul/candidate_mass", &p_c.f_sum(Kind::Double)?, count)?;
+    let hit = argmax(logits)?.f_eq_tensor(&plan.labels)?.f_to_kind(Kind::Float)?;
+    sink.add("mean_token_accuracy", &masked_sum(&hit, active)?, count)?;
+    sink.finish()
 }
 
 /// Welleck et al.'s token-level unlikelihood loss: NLL plus a penalty on candidate tokens.
@@ -325,7 +428,13 @@ pub fn welleck_ul_loss(
     cfg: &WelleckUlConfig,
 ) -> Result<LossOutput> {
     const OP: &str = "welleck_ul_loss";
-    let prep = prepare(OP, logits, labels, loss_mask, candidates, cfg)?;
+    let plan = plan(OP, logits, labels, loss_mask, candidates, cfg)?;
+    if kernel::use_kernel(OP, cfg.backend, logits)?
+        && let Some(out) = welleck_kernel(OP, &plan, logits, candidates, cfg)?
+    {
+        return Ok(out);
+    }
+    let prep = prepare(OP, plan, logits, candidates, cfg)?;
     let rows_loss = WelleckRows { alpha: cfg.alpha };
     let count = prep.count as f64;
     let alpha = cfg.alpha;

@@ -1,0 +1,677 @@
+//! `amend loss`: run one of amend's losses on tensors from a safetensors file and write the loss,
+//! the per-token or per-example losses and the gradient, for parity checks against Python.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+use amend::losses::sequence::{
+    DpoConfig, GradientAscentConfig, KtoConfig, KtoReferencePoint, NpoConfig, OrpoConfig, SeqLogps,
+    SeqLogpsConfig, SimNpoConfig, SimPoConfig, dpo_loss, gradient_ascent_loss, kto_loss, npo_loss,
+    orpo_loss, seq_logps, simnpo_loss, simpo_loss,
+};
+use amend::losses::token::{
+    Candidates, NlConfig, NllConfig, RefKlConfig, SeqUlMask, SequenceUlConfig, TntConfig,
+    TntVariant, TokenWeights, UlAnnotatedConfig, WelleckUlConfig, conditional_nll_loss, nl_loss,
+    nll_loss, reference_kl_loss, sequence_ul_loss, tnt_loss, ul_annotated_loss, welleck_ul_loss,
+};
+use amend::losses::{LossOutput, Metrics};
+
+/// Run one of amend's losses on tensors from a safetensors file, for parity with Python.
+///
+/// Reads the tensors the loss needs from --inputs by name (see --list), runs the loss with the
+/// JSON config (the loss's serde config, TRL field names; missing fields take their defaults),
+/// and writes to --out (safetensors, written atomically, never over an input):
+///
+///   loss                     the reduced loss (shape set by the config's `reduction`)
+///   per_example              token losses [B, T] (token losses) or one value per example
+///   part.<name>.sum/.count   (sum, count) of each normalisation domain (f64 scalars)
+///   metric.<name>.sum/.count each metric as an exact (sum, count) pair (f64 scalars)
+///   grad.<input>             gradient of loss.sum() with respect to each differentiable input
+///                            (logits for token losses and seq_logps; the policy log-prob sums
+///                            for sequence losses)
+///   sum, len, per_token      (seq_logps only) S [B], n [B], log-probs [B, T-1]
+///
+/// Float inputs keep their dtype (f32 or f64; bf16/f16 are computed in f32); integer inputs
+/// (labels, ids) may be any integer dtype, masks bool or 0/1. A tensor the loss does not read
+/// is an error (it catches misspelt names). A summary (loss, counts, metrics) is printed as
+/// JSON. Guide with a worked Python example: docs/loss-cli.md.
+///
+/// Example: amend loss tnff --config cfg.json --inputs batch.safetensors --out out.safetensors
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct LossArgs {
+    /// The loss (see --list), e.g. tnt, tnff, nll, welleck_ul, reference_kl, dpo, simpo.
+    #[arg(value_name = "NAME", required_unless_present = "list")]
+    pub name: Option<String>,
+    /// JSON file with the loss's config (default: the loss's defaults).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// safetensors file with the input tensors, named as --list shows.
+    #[arg(long, value_name = "FILE", required_unless_present = "list")]
+    pub inputs: Option<PathBuf>,
+    /// safetensors file to write (atomically; it must not be an input).
+    #[arg(long, value_name = "FILE", required_unless_present = "list")]
+    pub out: Option<PathBuf>,
+    /// List the losses and the tensors each one reads, then exit.
+    #[arg(long)]
+    pub list: bool,
+    /// libtorch intra-op threads (also the fused kernels' threads).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<i32>,
+}
+
+/// An input tensor of a loss.
+struct Input {
+    name: &'static str,
+    required: bool,
+    doc: &'static str,
+}
+
+const fn req(name: &'static str, doc: &'static str) -> Input {
+    Input { name, required: true, doc }
+}
+
+const fn opt(name: &'static str, doc: &'static str) -> Input {
+    Input { name, required: false, doc }
+}
+
+/// A loss the command runs.
+struct Spec {
+    name: &'static str,
+    aliases: &'static [&'static str],
+    config: &'static str,
+    about: &'static str,
+    inputs: &'static [Input],
+}
+
+const LOGITS: Input = req("logits", "[B, T, V] float, aligned with the labels");
+const REF_LOGITS: Input = req("ref_logits", "[B, T, V] float, the frozen reference (constant)");
+const LABELS: Input = req("labels", "[B, T] integer");
+const WEIGHTS: Input = req("weights", "[B, T] in {-1, 0, +1} (negative / inactive / positive)");
+const MASK: Input = opt("mask", "[B, T] bool or 0/1, active positions (default: all)");
+
+const SPECS: &[Spec] = &[
+    Spec {
+        name: "tnt",
+        aliases: &["tnff", "tnrr", "tnrf", "tnfll", "tnrll"],
+        config: "TntConfig",
+        about: "Targeted Negative Training (the alias sets `variant`)",
+        inputs: &[LOGITS, REF_LOGITS, LABELS, WEIGHTS],
+    },
+    Spec {
+        name: "nl",
+        aliases: &[],
+        config: "NlConfig",
+        about: "negative likelihood on annotated tokens",
+        inputs: &[LOGITS, LABELS, WEIGHTS],
+    },
+    Spec {
+        name: "ul_annotated",
+        aliases: &["ul"],
+        config: "UlAnnotatedConfig",
+        about: "unlikelihood on annotated tokens",
+        inputs: &[LOGITS, LABELS, WEIGHTS],
+    },
+    Spec {
+        name: "welleck_ul",
+        aliases: &[],
+        config: "WelleckUlConfig",
+        about: "Welleck token-level unlikelihood (previous-context or explicit candidates)",
+        inputs: &[
+            LOGITS,
+            LABELS,
+            MASK,
+            opt("candidates", "[B, T, K] integer, -1 = empty slot (default: previous context)"),
+        ],
+    },
+    Spec {
+        name: "sequence_ul",
+        aliases: &[],
+        config: "SequenceUlConfig",
+        about: "sequence-level unlikelihood on repeated n-grams of a continuation",
+        inputs: &[
+            LOGITS,
+            req("continuation", "[B, T] integer, the continuation tokens the logits score"),
+            opt("valid", "[B, T] bool or 0/1 (default: all)"),
+            opt("mask", "[B, T] bool or 0/1, explicit penalty mask (default: repeated n-grams)"),
+        ],
+    },
+    Spec {
+        name: "nll",
+        aliases: &[],
+        config: "NllConfig",
+        about: "token cross-entropy",
+        inputs: &[LOGITS, LABELS, MASK],
+    },
+    Spec {
+        name: "conditional_nll",
+        aliases: &[],
+        config: "NllConfig",
+        about: "token cross-entropy with the prompt masked",
+        inputs: &[LOGITS, LABELS, req("prompt_mask", "[B, T] bool or 0/1, true on the prompt")],
+    },
+    Spec {
+        name: "reference_kl",
+        aliases: &[],
+        config: "RefKlConfig",
+        about: "forward or reverse KL to a reference model, per token",
+        inputs: &[
+            LOGITS,
+            REF_LOGITS,
+            opt("exclude", "[B, T] integer, token removed from the target (-1 = none)"),
+            MASK,
+        ],
+    },
+    Spec {
+        name: "seq_logps",
+        aliases: &[],
+        config: "SeqLogpsConfig",
+        about: "per-sequence log-probs of the response tokens (S, n, per-token)",
+        inputs: &[
+            req("logits", "[B, T, V] float, unshifted"),
+            req("input_ids", "[B, T] integer"),
+            req("completion_mask", "[B, T] bool or 0/1, true on response tokens"),
+        ],
+    },
+    Spec {
+        name: "dpo",
+        aliases: &[],
+        config: "DpoConfig",
+        about: "DPO family (sigmoid, ipo, hinge, robust, ...: `loss_type`)",
+        inputs: &[
+            req("chosen_logps", "[B] float, summed policy log-probs of the chosen responses"),
+            req("rejected_logps", "[B] float"),
+            req("ref_chosen_logps", "[B] float (constant)"),
+            req("ref_rejected_logps", "[B] float (constant)"),
+            opt("chosen_lens", "[B] integer, response lengths (default 1: IPO needs them)"),
+            opt("rejected_lens", "[B] integer (default 1)"),
+        ],
+    },
+    Spec {
+        name: "simpo",
+        aliases: &[],
+        config: "SimPoConfig",
+        about: "SimPO (length-normalised, reference-free)",
+        inputs: &[
+            req("chosen_logps", "[B] float"),
+            req("rejected_logps", "[B] float"),
+            req("chosen_lens", "[B] integer"),
+            req("rejected_lens", "[B] integer"),
+        ],
+    },
+    Spec {
+        name: "orpo",
+        aliases: &[],
+        config: "OrpoConfig",
+        about: "ORPO (odds ratio plus NLL)",
+        inputs: &[
+            req("chosen_logps", "[B] float"),
+            req("rejected_logps", "[B] float"),
+            req("chosen_lens", "[B] integer"),
+            req("rejected_lens", "[B] integer"),
+            opt("chosen_nll_logps", "[B] float, prompt + response sums for the NLL term"),
+            opt("chosen_nll_lens", "[B] integer"),
+        ],
+    },
+    Spec {
+        name: "kto",
+        aliases: &[],
+        config: "KtoConfig",
+        about: "KTO (reference point given or estimated from mismatched pairs)",
+        inputs: &[
+            req("policy_logps", "[B] float"),
+            req("ref_logps", "[B] float (constant)"),
+            req("desirable", "[B] bool or 0/1"),
+            opt("policy_lens", "[B] integer (default 1)"),
+            opt("reference_point", "scalar float z >= 0 (or give the two kl_* tensors)"),
+            opt("kl_policy_logps", "[B] float, mismatched pairs under the policy"),
+            opt("kl_ref_logps", "[B] float, mismatched pairs under the reference"),
+        ],
+    },
+    Spec {
+        name: "npo",
+        aliases: &[],
+        config: "NpoConfig",
+        about: "NPO (negative preference optimisation, optional retain term)",
+        inputs: &[
+            req("forget_logps", "[B] float"),
+            req("ref_forget_logps", "[B] float (constant)"),
+            opt("forget_lens", "[B] integer (default 1)"),
+            opt("retain_logps", "[R] float"),
+            opt("retain_lens", "[R] integer (default 1)"),
+        ],
+    },
+    Spec {
+        name: "simnpo",
+        aliases: &[],
+        config: "SimNpoConfig",
+        about: "SimNPO (length-normalised, reference-free NPO)",
+        inputs: &[
+            req("forget_logps", "[B] float"),
+            req("forget_lens", "[B] integer"),
+            opt("retain_logps", "[R] float"),
+            opt("retain_lens", "[R] integer (default 1)"),
+        ],
+    },
+    Spec {
+        name: "gradient_ascent",
+        aliases: &[],
+        config: "GradientAscentConfig",
+        about: "gradient ascent on the forget set (optional retain term)",
+        inputs: &[
+            req("forget_logps", "[B] float"),
+            opt("forget_lens", "[B] integer (default 1)"),
+            opt("retain_logps", "[R] float"),
+            opt("retain_lens", "[R] integer (default 1)"),
+        ],
+    },
+];
+
+fn find(name: &str) -> Option<&'static Spec> {
+    let lower = name.to_ascii_lowercase();
+    SPECS.iter().find(|s| s.name == lower || s.aliases.contains(&lower.as_str()))
+}
+
+fn list() -> String {
+    let mut s = String::from("Losses of `amend loss` and the tensors they read:\n");
+    for spec in SPECS {
+        let aliases = if spec.aliases.is_empty() {
+            String::new()
+        } else {
+            format!(" (also: {})", spec.aliases.join(", "))
+        };
+        s += &format!("\n{}{aliases}: {}; config {}\n", spec.name, spec.about, spec.config);
+        for i in spec.inputs {
+            let tag = if i.required { "required" } else { "optional" };
+            s += &format!("    {:<20} {tag:<8}  {}\n", i.name, i.doc);
+        }
+    }
+    s += "\nOutputs: loss, per_example, part.<name>.{sum,count}, metric.<name>.{sum,count}, \
+          grad.<input> (gradient of loss.sum()); seq_logps also writes sum, len, per_token.\n";
+    s
+}
+
+/// The named tensors of the input file.
+struct Inputs {
+    spec: &'static Spec,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Inputs {
+    fn read(spec: &'static Spec, path: &Path) -> Result<Inputs> {
+        let list = Tensor::read_safetensors(path)
+            .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
+        let tensors: BTreeMap<String, Tensor> = list.into_iter().collect();
+        let known: Vec<&str> = spec.inputs.iter().map(|i| i.name).collect();
+        if let Some(extra) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
+            bail!(
+                "{}: loss `{}` does not read a tensor named `{extra}` (it reads: {}; see \
+                 `amend loss --list`)",
+                path.display(),
+                spec.name,
+                known.join(", ")
+            );
+        }
+        for i in spec.inputs.iter().filter(|i| i.required) {
+            if !tensors.contains_key(i.name) {
+                bail!(
+                    "{}: loss `{}` needs a tensor named `{}` ({}); the file has: {}",
+                    path.display(),
+                    spec.name,
+                    i.name,
+                    i.doc,
+                    tensors.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        Ok(Inputs { spec, tensors })
+    }
+
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// A required tensor (presence was checked when reading).
+    fn req(&self, name: &str) -> Result<&Tensor> {
+        self.get(name).with_context(|| format!("`{}` needs `{name}`", self.spec.name))
+    }
+
+    /// A float input as a leaf requiring grad, in its own dtype (f32 for bf16/f16).
+    fn leaf(&self, name: &str) -> Result<Tensor> {
+        let t = self.req(name)?;
+        let kind = match t.kind() {
+            Kind::Double => Kind::Double,
+            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
+            other => bail!("`{name}` must be a float tensor, got {other:?}"),
+        };
+        Ok(t.to_kind(kind).detach().copy().set_requires_grad(true))
+    }
+
+    /// `SeqLogps` from `<logps>` and `<lens>` (default: ones), with the sums as a leaf.
+    fn seq(&self, logps: &str, lens: &str) -> Result<(SeqLogps, Tensor)> {
+        let s = self.leaf(logps)?;
+        let n = match self.get(lens) {
+            Some(l) => l.shallow_clone(),
+            None => Tensor::ones(s.size(), (Kind::Int64, s.device())),
+        };
+        Ok((SeqLogps::from_sums(&s, &n)?, s))
+    }
+
+    fn opt_seq(&self, logps: &str, lens: &str) -> Result<Option<(SeqLogps, Tensor)>> {
+        match self.get(logps) {
+            Some(_) => Ok(Some(self.seq(logps, lens)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    match path {
+        None => Ok(T::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a valid config for this loss", p.display()))
+        }
+    }
+}
+
+/// What a run produced: the loss output, the leaves to differentiate, extra tensors.
+struct Run {
+    out: LossOutput,
+    leaves: Vec<(&'static str, Tensor)>,
+    extra: Vec<(String, Tensor)>,
+}
+
+fn token(out: LossOutput, logits: Tensor) -> Run {
+    Run { out, leaves: vec![("logits", logits)], extra: Vec::new() }
+}
+
+fn run_loss(spec: &'static Spec, alias: &str, inp: &Inputs, cfg: Option<&Path>) -> Result<Run> {
+    let weights = || -> Result<TokenWeights> { Ok(TokenWeights::new(inp.req("weights")?)?) };
+    Ok(match spec.name {
+        "tnt" => {
+            let mut c: TntConfig = config(cfg)?;
+            if alias != "tnt" {
+                c.variant = alias.parse::<TntVariant>()?;
+            }
+            let z = inp.leaf("logits")?;
+            let out = tnt_loss(&z, inp.req("ref_logits")?, inp.req("labels")?, &weights()?, &c)?;
+            token(out, z)
+        }
+        "nl" => {
+            let z = inp.leaf("logits")?;
+            let c: NlConfig = config(cfg)?;
+            token(nl_loss(&z, inp.req("labels")?, &weights()?, &c)?, z)
+        }
+        "ul_annotated" => {
+            let z = inp.leaf("logits")?;
+            let c: UlAnnotatedConfig = config(cfg)?;
+            token(ul_annotated_loss(&z, inp.req("labels")?, &weights()?, &c)?, z)
+        }
+        "welleck_ul" => {
+            let z = inp.leaf("logits")?;
+            let c: WelleckUlConfig = config(cfg)?;
+            let cands = match inp.get("candidates") {
+                Some(t) => Candidates::Explicit(t),
+                None => Candidates::PreviousContext,
+            };
+            token(welleck_ul_loss(&z, inp.req("labels")?, inp.get("mask"), cands, &c)?, z)
+        }
+        "sequence_ul" => {
+            let z = inp.leaf("logits")?;
+            let c: SequenceUlConfig = config(cfg)?;
+            let mask = match inp.get("mask") {
+                Some(m) => SeqUlMask::Explicit(m),
+                None => SeqUlMask::RepeatNgram,
+            };
+            let out = sequence_ul_loss(&z, inp.req("continuation")?, inp.get("valid"), mask, &c)?;
+            token(out, z)
+        }
+        "nll" => {
+            let z = inp.leaf("logits")?;
+            let c: NllConfig = config(cfg)?;
+            token(nll_loss(&z, inp.req("labels")?, inp.get("mask"), &c)?, z)
+        }
+        "conditional_nll" => {
+            let z = inp.leaf("logits")?;
+            let c: NllConfig = config(cfg)?;
+            let out = conditional_nll_loss(&z, inp.req("labels")?, inp.req("prompt_mask")?, &c)?;
+            token(out, z)
+        }
+        "reference_kl" => {
+            let z = inp.leaf("logits")?;
+            let c: RefKlConfig = config(cfg)?;
+            let out = reference_kl_loss(
+                &z,
+                inp.req("ref_logits")?,
+                inp.get("exclude"),
+                inp.get("mask"),
+                &c,
+            )?;
+            token(out, z)
+        }
+        "seq_logps" => {
+            let z = inp.leaf("logits")?;
+            let c: SeqLogpsConfig = config(cfg)?;
+            let c = c.with_return_per_token(true);
+            let lp = seq_logps(&z, inp.req("input_ids")?, inp.req("completion_mask")?, &c)?;
+            let per_token = lp.per_token.as_ref().context("per-token log-probs requested")?;
+            let out = LossOutput {
+                loss: lp.sum.shallow_clone(),
+                per_example: lp.sum.shallow_clone(),
+                parts: Vec::new(),
+                metrics: Metrics::new(),
+            };
+            let extra = vec![
+                ("sum".to_string(), lp.sum.detach()),
+                ("len".to_string(), lp.len.shallow_clone()),
+                ("per_token".to_string(), per_token.detach()),
+            ];
+            Run { out, leaves: vec![("logits", z)], extra }
+        }
+        "dpo" => {
+            let c: DpoConfig = config(cfg)?;
+            let (ch, lc) = inp.seq("chosen_logps", "chosen_lens")?;
+            let (rj, lr) = inp.seq("rejected_logps", "rejected_lens")?;
+            let out = dpo_loss(
+                &ch,
+                &rj,
+                inp.req("ref_chosen_logps")?,
+                inp.req("ref_rejected_logps")?,
+                &c,
+            )?;
+            Run { out, leaves: vec![("chosen_logps", lc), ("rejected_logps", lr)], extra: vec![] }
+        }
+        "simpo" => {
+            let c: SimPoConfig = config(cfg)?;
+            let (ch, lc) = inp.seq("chosen_logps", "chosen_lens")?;
+            let (rj, lr) = inp.seq("rejected_logps", "rejected_lens")?;
+            let out = simpo_loss(&ch, &rj, &c)?;
+            Run { out, leaves: vec![("chosen_logps", lc), ("rejected_logps", lr)], extra: vec![] }
+        }
+        "orpo" => {
+            let c: OrpoConfig = config(cfg)?;
+            let (ch, lc) = inp.seq("chosen_logps", "chosen_lens")?;
+            let (rj, lr) = inp.seq("rejected_logps", "rejected_lens")?;
+            let nll = inp.opt_seq("chosen_nll_logps", "chosen_nll_lens")?;
+            let out = orpo_loss(&ch, &rj, nll.as_ref().map(|(s, _)| s), &c)?;
+            let mut leaves = vec![("chosen_logps", lc), ("rejected_logps", lr)];
+            if let Some((_, l)) = nll {
+                leaves.push(("chosen_nll_logps", l));
+            }
+            Run { out, leaves, extra: vec![] }
+        }
+        "kto" => {
+            let c: KtoConfig = config(cfg)?;
+            let (p, lp) = inp.seq("policy_logps", "policy_lens")?;
+            let point = match (
+                inp.get("reference_point"),
+                inp.get("kl_policy_logps"),
+                inp.get("kl_ref_logps"),
+            ) {
+                (Some(z), None, None) => {
+                    if z.numel() != 1 {
+                        bail!("`reference_point` must hold one value, got shape {:?}", z.size());
+                    }
+                    KtoReferencePoint::Given(f64::try_from(
+                        z.to_kind(Kind::Double).reshape([-1]).get(0),
+                    )?)
+                }
+                (None, Some(a), Some(b)) => {
+                    KtoReferencePoint::Estimate { policy_kl: a, reference_kl: b }
+                }
+                _ => bail!(
+                    "kto needs either `reference_point` or both `kl_policy_logps` and \
+                     `kl_ref_logps`"
+                ),
+            };
+            let out = kto_loss(&p, inp.req("ref_logps")?, inp.req("desirable")?, point, &c)?;
+            Run { out, leaves: vec![("policy_logps", lp)], extra: vec![] }
+        }
+        "npo" => {
+            let c: NpoConfig = config(cfg)?;
+            let (f, lf) = inp.seq("forget_logps", "forget_lens")?;
+            let retain = inp.opt_seq("retain_logps", "retain_lens")?;
+            let out =
+                npo_loss(&f, inp.req("ref_forget_logps")?, retain.as_ref().map(|r| &r.0), &c)?;
+            let mut leaves = vec![("forget_logps", lf)];
+            if let Some((_, l)) = retain {
+                leaves.push(("retain_logps", l));
+            }
+            Run { out, leaves, extra: vec![] }
+        }
+        "simnpo" | "gradient_ascent" => {
+            let (f, lf) = inp.seq("forget_logps", "forget_lens")?;
+            let retain = inp.opt_seq("retain_logps", "retain_lens")?;
+            let r = retain.as_ref().map(|r| &r.0);
+            let out = if spec.name == "simnpo" {
+                simnpo_loss(&f, r, &config::<SimNpoConfig>(cfg)?)?
+            } else {
+                gradient_ascent_loss(&f, r, &config::<GradientAscentConfig>(cfg)?)?
+            };
+            let mut leaves = vec![("forget_logps", lf)];
+            if let Some((_, l)) = retain {
+                leaves.push(("retain_logps", l));
+            }
+            Run { out, leaves, extra: vec![] }
+        }
+        other => bail!("internal: no runner for `{other}`"),
+    })
+}
+
+/// Refuses an output path that is one of the inputs.
+fn check_out(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let o = canon(out);
+    for i in inputs {
+        if o == canon(i) {
+            bail!("--out {} is an input file; choose another output path", out.display());
+        }
+    }
+    if out.is_dir() {
+        bail!("--out {} is a directory", out.display());
+    }
+    Ok(())
+}
+
+/// Writes `tensors` to `path` through a temporary file in the same folder and a rename, so a
+/// reader never sees a half-written file and a failure leaves nothing behind.
+fn write_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file = path.file_name().context("--out has no file name")?.to_string_lossy().to_string();
+    let tmp = dir.join(format!(".{file}.tmp-{}", std::process::id()));
+    let res = Tensor::write_safetensors(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn scalar64(x: f64) -> Tensor {
+    Tensor::from(x)
+}
+
+/// Runs `amend loss`.
+pub fn run(args: &LossArgs) -> Result<()> {
+    if args.list {
+        print!("{}", list());
+        return Ok(());
+    }
+    let name = args.name.as_deref().context("give a loss name (see --list)")?;
+    let spec = find(name).with_context(|| {
+        let names: Vec<&str> = SPECS
+            .iter()
+            .flat_map(|s| std::iter::once(s.name).chain(s.aliases.iter().copied()))
+            .collect();
+        format!("unknown loss `{name}`; known: {}", names.join(", "))
+    })?;
+    let inputs_path = args.inputs.as_deref().context("--inputs is required")?;
+    let out_path = args.out.as_deref().context("--out is required")?;
+    let mut protected = vec![inputs_path];
+    if let Some(c) = &args.config {
+        protected.push(c);
+    }
+    check_out(out_path, &protected)?;
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let inp = Inputs::read(spec, inputs_path)?;
+    let alias = name.to_ascii_lowercase();
+    let run = run_loss(spec, &alias, &inp, args.config.as_deref())
+        .with_context(|| format!("loss `{}` failed", spec.name))?;
+    let out = &run.out;
+    // The gradient of loss.sum() (the loss itself for scalar reductions).
+    let total = out.loss.sum(out.loss.kind());
+    if total.requires_grad() {
+        total.backward();
+    }
+    let mut tensors: Vec<(String, Tensor)> = vec![
+        ("loss".into(), out.loss.detach().contiguous()),
+        ("per_example".into(), out.per_example.detach().contiguous()),
+    ];
+    let mut summary_parts = serde_json::Map::new();
+    for part in &out.parts {
+        let sum = f64::try_from(part.sum.detach().to_kind(Kind::Double))?;
+        tensors.push((format!("part.{}.sum", part.name), scalar64(sum)));
+        tensors.push((format!("part.{}.count", part.name), scalar64(part.count)));
+        summary_parts.insert(part.name.into(), json!({"sum": sum, "count": part.count}));
+    }
+    let mut summary_metrics = serde_json::Map::new();
+    for (name, sc) in out.metrics.iter() {
+        tensors.push((format!("metric.{name}.sum"), scalar64(sc.sum)));
+        tensors.push((format!("metric.{name}.count"), scalar64(sc.count)));
+        summary_metrics.insert(name.into(), json!(sc.mean()));
+    }
+    for (name, leaf) in &run.leaves {
+        let g = leaf.grad();
+        let g = if g.defined() { g } else { leaf.zeros_like() };
+        tensors.push((format!("grad.{name}"), g.contiguous()));
+    }
+    for (name, t) in run.extra {
+        tensors.push((name, t.contiguous()));
+    }
+    write_atomic(&tensors, out_path)?;
+    let loss: Vec<f64> =
+        Vec::<f64>::try_from(out.loss.detach().to_kind(Kind::Double).reshape([-1]))?;
+    let summary = json!({
+        "loss": if loss.len() == 1 { json!(loss[0]) } else { json!(loss) },
+        "parts": summary_parts,
+        "metrics": summary_metrics,
+        "out": out_path.display().to_string(),
+        "tensors": tensors.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! `amend loss`: inputs written here as safetensors, the binary run as a user would, outputs
+//! checked against the library calls; bad input fails with a clear message and a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use amend::losses::Reduction;
+use amend::losses::sequence::{DpoConfig, SeqLogps, dpo_loss};
+use amend::losses::token::{
+    NllConfig, RefKlConfig, TntConfig, TntVariant, TokenWeights, nll_loss, reference_kl_loss,
+    tnt_loss,
+};
+use tch::{Device, Kind, Tensor};
+
+/// A scratch folder for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("amend-cli-loss-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn amend(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_amend"))
+        .args(args)
+        .args(["--threads", "1"].iter().filter(|_| !args.contains(&"--list")))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
+    Tensor::write_safetensors(tensors, path).unwrap();
+}
+
+fn read(path: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()
+}
+
+#[track_caller]
+fn same(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.size(), b.size(), "{what}: shape");
+    for (i, (x, y)) in vals(a).iter().zip(vals(b)).enumerate() {
+        assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[track_caller]
+fn ok(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn token_batch() -> (Tensor, Tensor, Tensor, Tensor) {
+    tch::manual_seed(3);
+    let opts = (Kind::Float, Device::Cpu);
+    let logits = Tensor::randn([2, 5, 11], opts) * 2.0;
+    let ref_logits = Tensor::randn([2, 5, 11], opts) * 2.0;
+    let labels = Tensor::randint(11, [2, 5], (Kind::Int64, Device::Cpu));
+    let weights = Tensor::from_slice(&[1i64, -1, 0, 1, 1, -1, 1, 1, 0, 1]).reshape([2, 5]);
+    (logits, ref_logits, labels, weights)
+}
+
+#[test]
+fn tnff_outputs_match_the_library() {
+    let dir = Scratch::new("tnff");
+    let (logits, ref_logits, labels, weights) = token_batch();
+    let inputs = dir.path("batch.safetensors");
+    write(
+        &inputs,
+        &[
+            ("logits", &logits),
+            ("ref_logits", &ref_logits),
+            ("labels", &labels),
+            ("weights", &weights),
+        ],
+    );
+    let cfg = dir.path("cfg.json");
+    std::fs::write(&cfg, r#"{"alpha": 2.0, "reduction": "mean"}"#).unwrap();
+    let out = dir.path("out.safetensors");
+    let summary = ok(&amend(&[
+        "loss",
+        "tnff",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = read(&out);
+    // The library call with the same config.
+    let z = logits.copy().set_requires_grad(true);
+    let c = TntConfig::new(TntVariant::Ff).with_alpha(2.0).with_reduction(Reduction::Mean);
+    let lib =
+        tnt_loss(&z, &ref_logits, &labels, &TokenWeights::new(&weights).unwrap(), &c).unwrap();
+    lib.loss.backward();
+    same("loss", &got["loss"], &lib.loss.detach());
+    same("per_example", &got["per_example"], &lib.per_example.detach());
+    same("grad.logits", &got["grad.logits"], &z.grad());
+    assert_eq!(vals(&got["part.tokens.count"]), vec![8.0]);
+    let neg_mass = lib.metrics.get("tnt/neg_mass").unwrap();
+    assert_eq!(vals(&got["metric.tnt/neg_mass.count"]), vec![neg_mass.count]);
+    assert!((vals(&got["metric.tnt/neg_mass.sum"])[0] - neg_mass.sum).abs() < 1e-9);
+    assert!((summary["loss"].as_f64().unwrap() - f64::try_from(&lib.loss).unwrap()).abs() < 1e-6);
+    assert_eq!(summary["parts"]["tokens"]["count"].as_f64(), Some(8.0));
+    // No temporary file is left behind.
+    let names: Vec<_> =
+        std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
+#[test]
+fn nll_reference_kl_and_dpo_match_the_library() {
+    let dir = Scratch::new("more");
+    let (logits, ref_logits, labels, weights) = token_batch();
+    let mask = weights.ne(0);
+    // NLL with a mask and the default config (no --config), f64 logits.
+    let z64 = logits.to_kind(Kind::Double);
+    let inputs = dir.path("nll.safetensors");
+    write(&inputs, &[("logits", &z64), ("labels", &labels), ("mask", &mask)]);
+    let out = dir.path("nll_out.safetensors");
+    ok(&amend(&[
+        "loss",
+        "nll",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = read(&out);
+    let z = z64.copy().set_requires_grad(true);
+    let lib = nll_loss(&z, &labels, Some(&mask), &NllConfig::default()).unwrap();
+    lib.loss.backward();
+    assert_eq!(got["grad.logits"].kind(), Kind::Double);
+    same("nll loss", &got["loss"], &lib.loss.detach());
+    same("nll grad", &got["grad.logits"], &z.grad());
+    // Reverse KL with an exclude id per position and per-token outputs.
+    let exclude = Tensor::from_slice(&[1i64, -1, 2, -1, 0, 3, -1, 4, 5, -1]).reshape([2, 5]);
+    let inputs = dir.path("kl.safetensors");
+    write(&inputs, &[("logits", &logits), ("ref_logits", &ref_logits), ("exclude", &exclude)]);
+    let cfg = dir.path("kl.json");
+    std::fs::write(
+        &cfg,
+        r#"{"direction": "reverse", "smoothing_eps": 0.001, "reduction": "none"}"#,
+    )
+    .unwrap();
+    let out = dir.path("kl_out.safetensors");
+    let args = ["loss", "reference_kl", "--config", cfg.to_str().unwrap(), "--inputs"];
+    ok(&amend(&[&args[..], &[inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat()));
+    let got = read(&out);
+    let z = logits.copy().set_requires_grad(true);
+    let c: RefKlConfig = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let lib = reference_kl_loss(&z, &ref_logits, Some(&exclude), None, &c).unwrap();
+    lib.loss.sum(Kind::Float).backward();
+    same("kl tokens", &got["loss"], &lib.loss.detach());
+    same("kl grad", &got["grad.logits"], &z.grad());
+    // DPO from per-sequence sums: gradients with respect to the policy sums.
+    let chosen = Tensor::from_slice(&[-10.0f64, -7.5, -3.0]);
+    let rejected = Tensor::from_slice(&[-11.0f64, -6.0, -4.5]);
+    let ref_c = Tensor::from_slice(&[-10.5f64, -7.0, -3.5]);
+    let ref_r = Tensor::from_slice(&[-10.0f64, -6.5, -4.0]);
+    let inputs = dir.path("dpo.safetensors");
+    write(
+        &inputs,
+        &[
+            ("chosen_logps", &chosen),
+            ("rejected_logps", &rejected),
+            ("ref_chosen_logps", &ref_c),
+            ("ref_rejected_logps", &ref_r),
+        ],
+    );
+    let out = dir.path("dpo_out.safetensors");
+    ok(&amend(&[
+        "loss",
+        "dpo",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = read(&out);
+    let (c, r) = (chosen.copy().set_requires_grad(true), rejected.copy().set_requires_grad(true));
+    let ones = Tensor::ones([3], (Kind::Int64, Device::Cpu));
+    let lib = dpo_loss(
+        &SeqLogps::from_sums(&c, &ones).unwrap(),
+        &SeqLogps::from_sums(&r, &ones).unwrap(),
+        &ref_c,
+        &ref_r,
+        &DpoConfig::default(),
+    )
+    .unwrap();
+    lib.loss.backward();
+    same("dpo loss", &got["loss"], &lib.loss.detach());
+    same("dpo per-example", &got["per_example"], &lib.per_example.detach());
+    same("dpo grad chosen", &got["grad.chosen_logps"], &c.grad());
+    same("dpo grad rejected", &got["grad.rejected_logps"], &r.grad());
+    assert!(got.contains_key("metric.rewards/margins.sum"));
+}
+
+#[test]
+fn list_names_every_loss_and_its_inputs() {
+    let out = amend(&["loss", "--list"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "tnt",
+        "tnff",
+        "nl",
+        "ul_annotated",
+        "welleck_ul",
+        "sequence_ul",
+        "nll",
+        "conditional_nll",
+        "reference_kl",
+        "seq_logps",
+        "dpo",
+        "simpo",
+        "orpo",
+        "kto",
+        "npo",
+        "simnpo",
+        "gradient_ascent",
+        "ref_logits",
+        "prompt_mask",
+        "chosen_logps",
+    ] {
+        assert!(text.contains(name), "--list does not mention {name}:\n{text}");
+    }
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message() {
+    let dir = Scratch::new("bad");
+    let (logits, ref_logits, labels, weights) = token_batch();
+    let inputs = dir.path("batch.safetensors");
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("weights", &weights)]);
+    let out = dir.path("out.safetensors");
+    let (i, o) = (inputs.to_str().unwrap(), out.to_str().unwrap());
+    let fails = |args: &[&str], needle: &str| {
+        let r = amend(args);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in:\n{err}");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    };
+    // A missing tensor (TNT needs the reference logits).
+    fails(&["loss", "tnt", "--inputs", i, "--out", o], "needs a tensor named `ref_logits`");
+    // An unknown loss, an unknown tensor name, an unknown config field.
+    fails(&["loss", "tnx", "--inputs", i, "--out", o], "unknown loss `tnx`");
+    write(&inputs, &[("logits", &logits), ("label", &labels), ("weights", &weights)]);
+    fails(&["loss", "nl", "--inputs", i, "--out", o], "does not read a tensor named `label`");
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("weights", &weights)]);
+    let cfg = dir.path("cfg.json");
+    std::fs::write(&cfg, r#"{"alpah": 1.0}"#).unwrap();
+    let c = cfg.to_str().unwrap();
+    fails(&["loss", "nl", "--config", c, "--inputs", i, "--out", o], "not a valid config");
+    // A loss-level error: weights outside {-1, 0, 1}, labels out of range, shape mismatch.
+    let bad_w = Tensor::from_slice(&[1i64, 5, 0, 1, 1, -1, 1, 1, 0, 1]).reshape([2, 5]);
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("weights", &bad_w)]);
+    fails(&["loss", "nl", "--inputs", i, "--out", o], "token weights must be -1, 0 or +1");
+    let bad_y = labels.full_like(99);
+    write(&inputs, &[("logits", &logits), ("labels", &bad_y), ("weights", &weights)]);
+    fails(&["loss", "nl", "--inputs", i, "--out", o], "outside");
+    let short = ref_logits.narrow(1, 0, 4).contiguous();
+    write(
+        &inputs,
+        &[("logits", &logits), ("ref_logits", &short), ("labels", &labels), ("weights", &weights)],
+    );
+    fails(&["loss", "tnrr", "--inputs", i, "--out", o], "ref_logits");
+    // NaN logits at an active position: an error by default.
+    let nan = logits.copy();
+    let _ = nan.get(0).get(0).get(3).fill_(f64::NAN);
+    write(&inputs, &[("logits", &nan), ("labels", &labels), ("weights", &weights)]);
+    fails(&["loss", "nl", "--inputs", i, "--out", o], "not finite");
+    // The output may not overwrite an input, and a missing input file is reported.
+    fails(&["loss", "nl", "--inputs", i, "--out", i], "is an input file");
+    fails(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o], "cannot read");
+    assert!(inputs.exists(), "the input file survived");
+}
