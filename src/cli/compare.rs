@@ -29,7 +29,7 @@ use amend::models::{CausalLm, LoadOptions, UnknownFields};
 /// with your prompts and annotations (schema: docs/compare-data.md).
 ///
 /// Examples:
-///   amend compare                        # about 6 minutes on 2 cores
+///   amend compare                        # 3 to 6 minutes on 2 cores
 ///   amend compare --quick                # about a minute; noisy numbers
 ///   amend compare --methods tnff,tnrr,nl,ul,dpo --seed 1 --out reports/s1
 ///   amend compare --model ./my-gpt2 --data prompts.jsonl --quick
