@@ -21,6 +21,7 @@ enum Command {
     Info(cli::info::InfoArgs),
     Score(cli::score::ScoreArgs),
     Generate(cli::generate::GenerateArgs),
+    Compare(cli::compare::CompareArgs),
     Edit(cli::edit::EditArgs),
     Loss(cli::loss::LossArgs),
 }
@@ -37,6 +38,7 @@ fn main() -> Result<()> {
         Command::Info(args) => cli::info::run(&args),
         Command::Score(args) => cli::score::run(&args),
         Command::Generate(args) => cli::generate::run(&args),
+        Command::Compare(args) => cli::compare::run(&args),
         Command::Edit(args) => cli::edit::run(&args),
         Command::Loss(args) => cli::loss::run(&args),
     }

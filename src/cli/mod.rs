@@ -1,6 +1,7 @@
 //! Subcommands of the `amend` binary. Each subcommand lives in its own file and only parses its
 //! arguments and calls into the library crates.
 
+pub mod compare;
 pub mod edit;
 pub mod generate;
 pub mod info;

@@ -27,6 +27,50 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A data file is malformed.
+    #[error("{path}:{line}: {reason}")]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (0: the file as a whole).
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing or reading JSON failed.
+    #[error("{path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The model has no tokenizer, which the operation needs.
+    #[error("{op}: the model has no tokenizer (tokenizer.json)")]
+    NoTokenizer {
+        /// The operation.
+        op: &'static str,
+    },
+    /// Drawing the plot failed.
+    #[error("plot {path}: {reason}")]
+    Plot {
+        /// The file being drawn.
+        path: PathBuf,
+        /// The backend's message (plotters' drawing errors are not `'static`).
+        reason: String,
+    },
+    /// A method failed to train (for example a non-finite loss).
+    #[error("{method} ({strength}): {source}")]
+    Method {
+        /// The method.
+        method: String,
+        /// Its sweep value.
+        strength: String,
+        /// The cause.
+        #[source]
+        source: Box<Error>,
+    },
     /// An argument or data item is invalid.
     #[error("{op}: invalid `{name}`: {reason}")]
     InvalidInput {

@@ -6,6 +6,21 @@
 //! Errors are the one enum [`Error`], which wraps the errors of the other crates as sources.
 #![doc(test(attr(deny(warnings))))]
 
+pub mod annotate;
+pub mod base;
+pub mod compare;
+mod detector;
 mod error;
+pub mod memory;
+pub mod methods;
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod synthetic;
+pub mod task;
+pub mod user_data;
 
+pub use detector::UnwantedWords;
 pub use error::{Error, Result};
+pub use task::{AnnotatedResponse, Split, SuppressionTask};

@@ -1,0 +1,290 @@
+//! The comparison pipeline on a tiny base model trained in the test: annotation, evaluator
+//! consistency, and one short training run of every method.
+
+use std::sync::OnceLock;
+
+use amend_eval::annotate::{SampleOrigin, SamplingConfig, TrainingData, sample_training_data};
+use amend_eval::methods::{Budget, Method, profs_method, profs_pairs, train_method};
+use amend_eval::metrics::{EvalConfig, Evaluator};
+use amend_eval::synthetic::{SyntheticTask, SyntheticTaskConfig};
+use amend_eval::{SuppressionTask, UnwantedWords};
+use amend_models::recipe::{TinyModelRecipe, TinyRecipe, TinyTrainRecipe, TokenizerRecipe};
+use amend_models::{CausalLm, Gpt2};
+
+struct Fixture {
+    /// The trained model, saved (models are not `Sync`; each test loads its own copy).
+    dir: tempfile::TempDir,
+    task: SuppressionTask,
+    data: TrainingData,
+}
+
+impl Fixture {
+    fn model(&self) -> Gpt2 {
+        tch::set_num_threads(1);
+        Gpt2::load(self.dir.path().join("m"), &Default::default()).unwrap()
+    }
+}
+
+/// A one-layer model trained for 250 steps on 3000 documents: it learns the format and the
+/// unwanted words, which is all these tests need.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        tch::set_num_threads(1);
+        let synthetic = SyntheticTask::new(SyntheticTaskConfig {
+            corpus_docs: 3000,
+            eval_prompts: 16,
+            control_prompts: 8,
+            heldout_texts: 32,
+            ..SyntheticTaskConfig::default()
+        })
+        .unwrap();
+        let recipe = TinyRecipe {
+            tokenizer: TokenizerRecipe { vocab_size: 400, min_frequency: 2 },
+            model: TinyModelRecipe {
+                n_layer: 1,
+                n_head: 2,
+                n_embd: 32,
+                n_positions: 64,
+                dropout: 0.0,
+            },
+            train: TinyTrainRecipe {
+                steps: 250,
+                batch_size: 32,
+                lr: 1e-2,
+                warmup_steps: 10,
+                ..Default::default()
+            },
+            seed: 0,
+        };
+        let (model, _) = amend_models::recipe::train_tiny_model(
+            &synthetic.corpus(),
+            &recipe,
+            &amend_models::recipe::RunOptions::default(),
+        )
+        .unwrap();
+        let mut task = synthetic.suppression_task();
+        task.train_prompts.truncate(60);
+        let cfg = SamplingConfig {
+            samples_per_prompt: 8,
+            negative_samples_per_prompt: 2,
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let data = sample_training_data(&model, &task, &cfg, 0, &|_| {}).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        model.save_pretrained(&dir.path().join("m"), &Default::default()).unwrap();
+        Fixture { dir, task, data }
+    })
+}
+
+#[test]
+fn samples_are_annotated_token_by_token() {
+    let f = fixture();
+    let model = f.model();
+    let det: &UnwantedWords = f.task.detector.as_ref().unwrap();
+    let tok = model.tokenizer().unwrap();
+    assert!(f.data.stats.policy_unwanted > 0, "{:?}", f.data.stats);
+    assert!(f.data.stats.usable_groups > 0, "{:?}", f.data.stats);
+    for s in &f.data.samples {
+        assert_eq!(s.weights.len(), s.response_ids.len());
+        assert_eq!(s.unwanted, det.is_unwanted(&s.text), "{}", s.text);
+        let negative: Vec<u32> = s
+            .response_ids
+            .iter()
+            .zip(&s.weights)
+            .filter(|(_, w)| **w < 0)
+            .map(|(id, _)| *id)
+            .collect();
+        if s.unwanted {
+            // The negative tokens spell (at least) the unwanted words found in the text.
+            let text = tok.decode(&negative, true).unwrap();
+            assert!(
+                det.spans(&s.text).iter().all(|r| text.contains(&s.text[r.clone()])),
+                "{text:?} in {:?}",
+                s.text
+            );
+        } else {
+            assert!(negative.is_empty());
+        }
+        assert!(s.ref_logp.is_finite() && s.ref_logp < 0.0);
+    }
+    // Negative-prompt samples are stored with the plain prompt.
+    let marker = tok.encode(amend_eval::synthetic::NEGATIVE_MARKER, false).unwrap();
+    for s in f.data.samples.iter().filter(|s| s.origin == SampleOrigin::NegPrompt) {
+        assert!(!s.prompt_ids.windows(marker.len()).any(|w| w == marker));
+    }
+    assert!(!f.data.unwanted_token_ids.is_empty());
+}
+
+#[test]
+fn the_base_model_is_scored_against_itself_exactly() {
+    let f = fixture();
+    let cfg = EvalConfig {
+        samples_per_prompt: 4,
+        rejection_samples_per_prompt: 8,
+        control_samples_per_prompt: 4,
+        max_new_tokens: 32,
+        ..EvalConfig::default()
+    };
+    let model = f.model();
+    let ev = Evaluator::new(&model, &f.task, cfg, 3).unwrap();
+    let m = ev.evaluate(&model).unwrap();
+    let base = ev.base_facts().kl_ideal_base.unwrap();
+    let kl = m.kl_ideal.unwrap();
+    // KL(p*‖p°) = −mean log Ẑ: the log-ratio term is exactly 0 for p_new = p°.
+    assert!((kl.value - base.value).abs() < 1e-9, "{kl:?} vs {base:?}");
+    assert!(kl.value > 0.0);
+    assert_eq!(m.kl_control.unwrap().value, 0.0);
+    let rate = m.unwanted_rate.unwrap();
+    assert_eq!(rate.n, 16 * 4);
+    assert!((0.0..=1.0).contains(&rate.value));
+    assert!(m.heldout_perplexity.unwrap() > 1.0);
+    assert!(ev.skipped().iter().any(|s| s.metric == "unwanted_token_logprob"));
+    // Deterministic: the same seeds give the same numbers.
+    assert_eq!(ev.evaluate(&model).unwrap().unwanted_rate, m.unwanted_rate);
+}
+
+#[test]
+fn every_method_trains_and_moves_the_model() {
+    let f = fixture();
+    let budget = Budget { steps: 2, prompts_per_step: 2, ..Budget::default() };
+    let base = f.model();
+    let before = base.params().snapshot().unwrap();
+    for m in Method::ALL {
+        let strength = m.default_sweep()[2];
+        let (model, stats) = train_method(&base, &f.data, m, strength, &budget, 0, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+        if m.is_tuning_free() {
+            assert!(stats.losses.is_empty() && stats.final_metrics["profs/pairs"] > 0.0, "{m}");
+        } else {
+            assert_eq!(stats.losses.len(), 2, "{m}");
+        }
+        assert!(stats.losses.iter().all(|l| l.is_finite()), "{m}: {:?}", stats.losses);
+        assert!(
+            stats.grad_norms.iter().all(|g| g.is_finite() && *g > 0.0),
+            "{m}: {:?}",
+            stats.grad_norms
+        );
+        let moved: f64 = model
+            .params()
+            .iter()
+            .zip(&before)
+            .map(|(p, (_, b))| (p.tensor() - b).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(moved > 0.0, "{m} did not change the model");
+        // The base model itself is untouched.
+        let base_now = base.params().snapshot().unwrap();
+        assert!(base_now.iter().zip(&before).all(|((_, a), (_, b))| a.equal(b)), "{m}");
+    }
+}
+
+/// ProFS edits only the MLP value weights of its layers, from pairs of the same prompt, and
+/// rejects a rank it cannot estimate.
+#[test]
+fn profs_projects_only_the_value_weights() {
+    let f = fixture();
+    let base = f.model();
+    let pairs = profs_pairs(&f.data);
+    let unwanted: usize =
+        f.data.usable_groups().iter().map(|&g| f.data.groups[g].unwanted.len()).sum();
+    assert_eq!(pairs.len(), unwanted);
+    let det = f.task.detector.as_ref().unwrap();
+    for p in &pairs {
+        assert!(!det.is_unwanted(&p.preferred) && det.is_unwanted(&p.dispreferred), "{p:?}");
+    }
+    let before = base.params().snapshot().unwrap();
+    let (model, stats) = profs_method(&base, &f.data, 2, None, 0).unwrap();
+    assert_eq!(stats.final_metrics["profs/layer_start"], 0.0);
+    assert_eq!(stats.final_metrics["profs/layer_end"], 1.0);
+    for (p, (name, b)) in model.params().iter().zip(&before) {
+        let changed = !p.tensor().equal(b);
+        assert_eq!(changed, name == "transformer.h.0.mlp.c_proj.weight", "{name}");
+    }
+    let too_big = profs_method(&base, &f.data, pairs.len() + 1, None, 0);
+    assert!(matches!(too_big, Err(amend_eval::Error::Edit(_))), "{:?}", too_big.err());
+    let not_integer =
+        train_method(&base, &f.data, Method::Profs, 1.5, &Budget::default(), 0, &mut |_, _| {});
+    assert!(matches!(not_integer, Err(amend_eval::Error::InvalidInput { .. })));
+}
+
+/// The whole comparison in process, every method at two sweep points, on the fixture model with
+/// a small configuration (the CLI's `--quick` runs the same code on a bigger model; its test,
+/// `tests/compare_cli.rs` at the repository root, is `#[ignore]`d because it takes minutes in
+/// debug). Checks that the report is complete and well formed, not that any method wins.
+#[test]
+fn a_small_comparison_writes_a_complete_report() {
+    use amend_eval::compare::{BaseModelInfo, CompareConfig, NoProgress, run_comparison};
+    let f = fixture();
+    let model = f.model();
+    let mut cfg = CompareConfig::quick();
+    cfg.mode = "test".into();
+    cfg.seed = 5;
+    cfg.sampling = SamplingConfig {
+        samples_per_prompt: 8,
+        negative_samples_per_prompt: 2,
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    cfg.eval = EvalConfig {
+        samples_per_prompt: 2,
+        rejection_samples_per_prompt: 4,
+        control_samples_per_prompt: 2,
+        max_new_tokens: 24,
+        ..EvalConfig::default()
+    };
+    cfg.budget = Budget { steps: 2, prompts_per_step: 2, ..Budget::default() };
+    let info = BaseModelInfo {
+        dir: f.dir.path().display().to_string(),
+        recipe: None,
+        report: None,
+        trained_now: false,
+        parameters: model.params().num_elements(false),
+        seconds: 0.0,
+    };
+    let r = run_comparison(&model, info, &f.task, &cfg, &NoProgress).unwrap();
+    assert_eq!(r.config.seed, 5);
+    assert_eq!(r.points.len(), 2 * Method::ALL.len());
+    assert_eq!(r.best.len(), Method::ALL.len());
+    assert!(r.skipped.iter().all(|s| s.metric == "unwanted_token_logprob"), "{:?}", r.skipped);
+    let base_rate = r.base_metrics.unwanted_rate.unwrap();
+    for p in &r.points {
+        assert!(p.error.is_none(), "{}: {:?}", p.label(), p.error);
+        let m = &p.metrics;
+        assert_eq!(m.unwanted_rate.unwrap().n, base_rate.n, "{}", p.label());
+        assert!(m.kl_ideal.unwrap().value.is_finite(), "{}", p.label());
+        assert!(m.kl_control.unwrap().value.is_finite(), "{}", p.label());
+        assert!(m.heldout_perplexity.unwrap() > 1.0, "{}", p.label());
+        let steps = if p.method.is_tuning_free() { 0 } else { 2 };
+        assert_eq!(p.train.losses.len(), steps, "{}", p.label());
+    }
+    assert!(r.target_rate.unwrap() > 0.0);
+    let t = &r.timing;
+    assert!(t.total_seconds >= t.points_seconds && t.points_seconds > 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let files = amend_eval::report::write_report(&r, &out).unwrap();
+    let back: amend_eval::compare::CompareResults =
+        serde_json::from_str(&std::fs::read_to_string(&files.json).unwrap()).unwrap();
+    assert_eq!(back.points.len(), r.points.len());
+    assert_eq!(back.config, r.config);
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    for needle in
+        ["## Each method's best point", "## Every sweep point", "![unwanted rate", "| base p° |"]
+    {
+        assert!(md.contains(needle), "{needle}");
+    }
+    for m in Method::ALL {
+        // One summary row and two sweep rows per method.
+        let rows = md.lines().filter(|l| l.starts_with(&format!("| {} |", m.name()))).count();
+        assert_eq!(rows, 3, "{m}");
+    }
+    let svg = std::fs::read_to_string(files.svg.unwrap()).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("ideal p*") && svg.contains("ProFS") && svg.contains("TNRR"));
+    let png = std::fs::read(files.png.unwrap()).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let summary = amend_eval::report::terminal_summary(&r);
+    assert!(summary.contains("best point of each method"), "{summary}");
+}
