@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test test-compare check fmt clippy doc bench-build clean-cache
+.PHONY: setup demo test test-compare test-transformers check fmt clippy doc bench-build clean-cache
 
 ## setup: install PyTorch 2.13.0 into the cache and point cargo at it
 setup:
@@ -19,6 +19,11 @@ demo: setup
 ## the debug profile), in a release build
 test-compare: setup
 	$(CARGO) test --release --test compare_cli -- --include-ignored
+
+## test-transformers: Hugging Face transformers (in the cache venv) loads the directories amend
+## saves and the tiny model it trains (ignored by `make test`: needs the venv's python, minutes)
+test-transformers: setup
+	$(CARGO) test -p amend-models --test save --test recipe -- --ignored
 
 ## test: the whole test suite (unit, integration and doc tests of every crate)
 test: setup
