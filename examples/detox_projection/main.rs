@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use amend::edit::manifest::{MANIFEST_FILE, OutputOptions, write_edited_model};
 use amend::edit::metrics::{mean_text_nll, score_answers};
 use amend::edit::profs::{PreferencePair, ProfsConfig, profs_edit, profs_manifest};
-use amend::edit::tasks::facts::{FactTask, FactTaskConfig, RELATIONS, default_cache_dir};
+use amend::edit::tasks::facts::{FactTask, FactTaskConfig, RELATIONS, default_model_cache};
 use amend::models::recipe::RunOptions;
 use amend::models::{CausalLm, LoadOptions};
 
@@ -32,7 +32,7 @@ fn main() -> Result<()> {
     //    the debug profile on 2 cores) and cached under $AMEND_CACHE_DIR/models (default
     //    ~/.cache/amend/models).
     let task = FactTask::new(&FactTaskConfig::default())?;
-    let cache = default_cache_dir();
+    let cache = default_model_cache();
     let (mut model, trained, model_dir) = task
         .model(&FactTask::recipe(), &cache, &RunOptions { progress: true, metrics_path: None })
         .context("cannot train or load the fact task's model")?;

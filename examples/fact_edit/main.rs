@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use amend::edit::ft::{EditMode, FtOptions, FtRecipe, ParamSelector, ft_edit, ft_manifest};
 use amend::edit::manifest::{METRICS_FILE, OutputOptions, write_edited_model};
 use amend::edit::metrics::{EditMetrics, EvalConfig, score_answers};
-use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_cache_dir};
+use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_model_cache};
 use amend::models::recipe::RunOptions;
 use amend::models::{CausalLm, LoadOptions};
 
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     //    ~/.cache/amend/models).
     let task = FactTask::new(&FactTaskConfig::default())?;
     let (mut model, _, model_dir) = task
-        .model(&FactTask::recipe(), &default_cache_dir(), &RunOptions::default())
+        .model(&FactTask::recipe(), &default_model_cache(), &RunOptions::default())
         .context("cannot train or load the fact task's model")?;
 
     // 2. The edit requests: each rewrites one fact to another object of the same relation, with

@@ -24,7 +24,7 @@ use amend::edit::profs::{
     Centering, Pairing, Pooling, PreferencePair, ProfsConfig, RankPolicy, SvdDtype, profs_edit,
     profs_manifest,
 };
-use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_cache_dir};
+use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_model_cache};
 use amend::edit::{EditRequest, QaPair};
 use amend::models::recipe::RunOptions;
 use amend::models::{CausalLm, LoadOptions, Model, UnknownFields};
@@ -329,7 +329,7 @@ fn load_model(c: &CommonArgs, dir: &Path) -> Result<Model> {
 /// The embedded task and its model.
 fn embedded(c: &CommonArgs) -> Result<(FactTask, Model, PathBuf)> {
     let task = FactTask::new(&FactTaskConfig { seed: c.task_seed, ..FactTaskConfig::default() })?;
-    let cache = c.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache = c.cache_dir.clone().unwrap_or_else(default_model_cache);
     if !c.quiet {
         eprintln!("embedded fact-edit task: model cache {}", cache.display());
     }

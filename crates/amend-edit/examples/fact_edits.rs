@@ -18,7 +18,7 @@ use amend_edit::ft::{
     Augmentation, EditMode, FtOptions, FtOutcome, FtRecipe, LocalityFacts, ParamSelector, ft_edit,
 };
 use amend_edit::metrics::{EvalConfig, FluencyConfig};
-use amend_edit::tasks::facts::{FactTask, FactTaskConfig, default_cache_dir};
+use amend_edit::tasks::facts::{FactTask, FactTaskConfig, default_model_cache};
 use amend_models::recipe::RunOptions;
 
 /// Compare fine-tuning editors on the synthetic fact-edit task.
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
     let task = FactTask::new(&FactTaskConfig::default())?;
-    let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache = args.cache_dir.clone().unwrap_or_else(default_model_cache);
     let t0 = Instant::now();
     let (model, report, dir) = task.model(
         &FactTask::recipe(),

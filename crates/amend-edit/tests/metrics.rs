@@ -220,11 +220,11 @@ fn fact_task_structure() {
 #[ignore = "trains the fact-task model; run in release (see docs/editing.md)"]
 fn fact_task_model_learns_the_facts_and_can_be_edited() {
     use amend_edit::ft::{EditMode, FtOptions, FtRecipe, ParamSelector, ft_edit};
-    use amend_edit::tasks::default_cache_dir;
+    use amend_edit::tasks::default_model_cache;
     use amend_models::recipe::RunOptions;
     let task = FactTask::new(&FactTaskConfig::default()).unwrap();
     let (model, _, _) =
-        task.model(&FactTask::recipe(), &default_cache_dir(), &RunOptions::default()).unwrap();
+        task.model(&FactTask::recipe(), &default_model_cache(), &RunOptions::default()).unwrap();
     let stats = task.answer_stats(&model, None, 64).unwrap();
     for (rel, acc) in &stats.accuracy {
         assert!(*acc > 0.9, "{rel}: {acc}");

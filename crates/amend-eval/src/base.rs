@@ -12,23 +12,7 @@ use amend_models::recipe::{
 
 use crate::Result;
 
-/// The cache root: `$AMEND_CACHE_DIR`, else `$XDG_CACHE_HOME/amend`, else `~/.cache/amend`
-/// (the folder `scripts/setup-libtorch.sh` installs PyTorch into).
-pub fn default_cache_dir() -> PathBuf {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(dir) = nonempty("AMEND_CACHE_DIR") {
-        return dir;
-    }
-    if let Some(xdg) = nonempty("XDG_CACHE_HOME") {
-        return xdg.join("amend");
-    }
-    nonempty("HOME").unwrap_or_else(std::env::temp_dir).join(".cache").join("amend")
-}
-
-/// Where base models are cached: `<cache root>/models`.
-pub fn default_model_cache() -> PathBuf {
-    default_cache_dir().join("models")
-}
+pub use amend_models::recipe::{default_cache_dir, default_model_cache};
 
 /// The recipe of the default comparison's base model: 2 layers of width 64, 4 heads, a
 /// 512-token vocabulary, 64 positions (137 k parameters), 1200 steps of 32 documents at a peak

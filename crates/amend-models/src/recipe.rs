@@ -478,6 +478,26 @@ pub const REPORT_FILE: &str = "recipe_report.json";
 /// Recipe file written next to a cached model.
 pub const RECIPE_FILE: &str = "recipe.json";
 
+/// The cache root: `$AMEND_CACHE_DIR`, else `$XDG_CACHE_HOME/amend`, else `~/.cache/amend`
+/// (empty variables count as unset). Without `XDG_CACHE_HOME` this is the folder
+/// `scripts/setup-libtorch.sh` installs PyTorch into.
+pub fn default_cache_dir() -> PathBuf {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = nonempty("AMEND_CACHE_DIR") {
+        return dir;
+    }
+    if let Some(xdg) = nonempty("XDG_CACHE_HOME") {
+        return xdg.join("amend");
+    }
+    nonempty("HOME").unwrap_or_else(std::env::temp_dir).join(".cache").join("amend")
+}
+
+/// Where trained models are cached by default (the comparison's base models, the fact-edit
+/// task's model): `<`[`default_cache_dir`]`>/models`, to pass to [`load_or_train`].
+pub fn default_model_cache() -> PathBuf {
+    default_cache_dir().join("models")
+}
+
 /// The cache directory of a recipe and corpus: `cache_dir/tiny-gpt2-<first 16 hex of the hash>`.
 pub fn cache_path(cache_dir: &Path, corpus: &[String], recipe: &TinyRecipe) -> PathBuf {
     cache_dir.join(format!("tiny-gpt2-{}", &recipe_hash(corpus, recipe)[..16]))

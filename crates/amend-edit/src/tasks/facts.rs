@@ -351,7 +351,7 @@ impl FactTask {
         }
     }
 
-    /// Loads the task's model from `cache_dir` (see [`default_cache_dir`]) or trains it there
+    /// Loads the task's model from `cache_dir` (see [`default_model_cache`]) or trains it there
     /// (cached by a hash of the recipe and the corpus).
     ///
     /// # Errors
@@ -479,13 +479,7 @@ pub struct AnswerStats {
     pub suppressed_rate_own: Option<f64>,
 }
 
-/// The cache of trained task models: `$AMEND_CACHE_DIR/models`, else
-/// `$XDG_CACHE_HOME/amend/models`, else `~/.cache/amend/models`.
-pub fn default_cache_dir() -> PathBuf {
-    let base = std::env::var_os("AMEND_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("amend")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/amend")))
-        .unwrap_or_else(|| PathBuf::from(".amend-cache"));
-    base.join("models")
-}
+/// The cache of trained task models (re-exported from [`amend_models::recipe`]):
+/// `<cache root>/models`, where the root is `$AMEND_CACHE_DIR`, else `$XDG_CACHE_HOME/amend`,
+/// else `~/.cache/amend`.
+pub use amend_models::recipe::default_model_cache;

@@ -3,4 +3,4 @@
 
 pub mod facts;
 
-pub use facts::default_cache_dir;
+pub use facts::default_model_cache;
