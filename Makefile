@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test test-compare test-transformers check fmt clippy doc bench-build clean-cache
+.PHONY: setup demo test test-other-cpu test-compare test-transformers check fmt clippy doc bench-build bench-smoke clean-cache
 
 ## setup: install PyTorch 2.13.0 into the cache and point cargo at it
 setup:
@@ -29,6 +29,12 @@ test-transformers: setup
 test: setup
 	$(CARGO) test --workspace
 
+## test-other-cpu: the whole test suite again as another x86-64 CPU would run it: libtorch's
+## baseline kernels (no AVX2/AVX-512), oneDNN limited to SSE4.1 and amend's kernels on their
+## portable path. A fixture that encodes one CPU's rounding fails here on any machine.
+test-other-cpu: setup
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 AMEND_KERNELS_SIMD=portable $(CARGO) test --workspace
+
 ## check: formatting, lints, docs and benches (what .ci/run adds to `make test`)
 check: setup fmt clippy doc bench-build
 
@@ -43,6 +49,11 @@ doc: setup
 
 bench-build: setup
 	$(CARGO) bench --workspace --no-run
+
+## bench-smoke: every benchmark once, to the end (criterion's --test mode; the custom-harness
+## benches do one short round), about 3 minutes after the release build
+bench-smoke: setup
+	$(CARGO) bench --workspace -- --test
 
 ## examples: run every top-level example in the debug profile (as CI does)
 # Examples of the facade (`cargo run --example NAME`) and of amend-kernels, which build without
