@@ -116,3 +116,34 @@ fn bad_model_directory_fails_with_its_path() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
 }
+
+#[test]
+fn special_ids_outside_the_vocabulary_warn_and_fail_only_where_used() {
+    // A GPT-2 saved by transformers with a small vocabulary keeps GPT2Config's default
+    // bos/eos 50256 (the fixture has 320 rows): transformers scores it, and so does amend.
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    for file in ["config.json", "generation_config.json"] {
+        let path = tmp.path().join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["bos_token_id"] = 50256.into();
+        v["eos_token_id"] = 50256.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+    let d = tmp.path().to_str().unwrap();
+    let out = amend(&["score", "--model", d, "--text", "the cat", "--threads", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("config.json") && stderr.contains("bos_token_id"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity"));
+    let out =
+        amend(&["score", "--model", d, "--text", "the cat", "--prepend-bos", "--threads", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("config.json: `bos_token_id` = 50256 is outside"), "{stderr}");
+    assert!(!stderr.contains("tokenizer has"), "{stderr}");
+}

@@ -15,7 +15,7 @@ use crate::generation::GenerationConfig;
 use crate::model::{LoadOptions, SaveOptions, kind_name};
 use crate::params::{Params, check_float_kind};
 use crate::source::CheckpointWeights;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{OutOfVocabId, Tokenizer};
 use crate::{Error, Result};
 
 /// Tokenizer and generation files copied byte-for-byte from a checkpoint to a saved model.
@@ -55,7 +55,8 @@ pub(crate) struct Origin {
 pub(crate) struct Core {
     pub params: Params,
     pub tokenizer: Option<Tokenizer>,
-    /// From `generation_config.json`, when present.
+    /// From `generation_config.json` (else from `config.json`), without special-token ids
+    /// outside the vocabulary; `None` for a model built in code.
     pub generation: Option<GenerationConfig>,
     pub origin: Option<Origin>,
     /// Files written next to the weights on save (tokenizer, generation config, …).
@@ -156,27 +157,59 @@ pub(crate) fn finish_load(
     let metadata = weights.reader.checkpoint().metadata.clone();
     let mut core = Core::new(params);
 
+    // Special-token ids outside the vocabulary load (as in transformers) but are left out, with
+    // a warning, and error only where they would be used (see `OutOfVocabId`).
+    let vocab = config.vocab_size();
+    let cfg_path = dir.join("config.json");
     let gen_path = dir.join("generation_config.json");
-    if gen_path.is_file() {
-        core.generation = Some(GenerationConfig::from_hf_file(&gen_path, &config)?);
+    let mut out_of_vocab = vec![];
+    let special = config.special_tokens();
+    let mut cfg_bos = special.bos_token_id;
+    let mut cfg_eos = special.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
+    let mut cfg_pad = special.pad_token_id;
+    keep_in_vocab(&mut cfg_bos, &cfg_path, "bos_token_id", vocab, &mut out_of_vocab);
+    retain_in_vocab(&mut cfg_eos, &cfg_path, "eos_token_id", vocab, &mut out_of_vocab);
+    keep_in_vocab(&mut cfg_pad, &cfg_path, "pad_token_id", vocab, &mut out_of_vocab);
+    let mut generation = if gen_path.is_file() {
+        GenerationConfig::from_hf_file(&gen_path, &config)?
+    } else {
+        GenerationConfig::for_model_config(&config)
+    };
+    // Ids the generation config inherits from config.json were recorded above already.
+    let gen_fields = if gen_path.is_file() { json_keys(&gen_path) } else { vec![] };
+    let mut gen_bad = vec![];
+    keep_in_vocab(&mut generation.bos_token_id, &gen_path, "bos_token_id", vocab, &mut gen_bad);
+    retain_in_vocab(&mut generation.stop_token_ids, &gen_path, "eos_token_id", vocab, &mut gen_bad);
+    keep_in_vocab(&mut generation.pad_token_id, &gen_path, "pad_token_id", vocab, &mut gen_bad);
+    out_of_vocab.extend(gen_bad.into_iter().filter(|o| gen_fields.iter().any(|k| k == o.field)));
+    for o in &out_of_vocab {
+        tracing::warn!(
+            path = %o.file.display(),
+            field = o.field,
+            id = o.id,
+            vocab = o.model_vocab,
+            "special token id outside the model's vocabulary: ignored (an error only where it \
+             would be used, e.g. prepending a BOS token)"
+        );
     }
     let tok_path = dir.join("tokenizer.json");
     if opts.load_tokenizer && tok_path.is_file() {
-        let defaults =
-            core.generation.clone().unwrap_or_else(|| GenerationConfig::for_model_config(&config));
-        let special = config.special_tokens();
-        let tok = Tokenizer::from_file(&tok_path)?.with_special_tokens(
-            special.bos_token_id.or(defaults.bos_token_id),
-            if defaults.stop_token_ids.is_empty() {
-                special.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default()
-            } else {
-                defaults.stop_token_ids.clone()
-            },
-            special.pad_token_id.or(defaults.pad_token_id),
-        );
-        tok.check_fits(config.vocab_size(), &tok_path)?;
+        let eos = if generation.stop_token_ids.is_empty() {
+            cfg_eos
+        } else {
+            generation.stop_token_ids.clone()
+        };
+        let tok = Tokenizer::from_file(&tok_path)?
+            .with_special_tokens(
+                cfg_bos.or(generation.bos_token_id),
+                eos,
+                cfg_pad.or(generation.pad_token_id),
+            )
+            .with_out_of_vocab_ids(out_of_vocab);
+        tok.check_fits(vocab, &tok_path)?;
         core.tokenizer = Some(tok);
     }
+    core.generation = Some(generation);
     for name in AUX_FILES {
         let p = dir.join(name);
         if p.is_file() {
@@ -193,6 +226,49 @@ pub(crate) fn finish_load(
         metadata,
     });
     Ok(core)
+}
+
+/// The top-level keys of a JSON object file (empty if it cannot be read: the caller has already
+/// parsed the file successfully).
+fn json_keys(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&t).ok())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Clears `id` if the vocabulary has no row for it, recording where it came from.
+fn keep_in_vocab(
+    id: &mut Option<u32>,
+    file: &Path,
+    field: &'static str,
+    model_vocab: usize,
+    out: &mut Vec<OutOfVocabId>,
+) {
+    if let Some(v) = *id
+        && v as usize >= model_vocab
+    {
+        out.push(OutOfVocabId { file: file.to_path_buf(), field, id: v, model_vocab });
+        *id = None;
+    }
+}
+
+/// Drops the ids the vocabulary has no row for, recording where they came from.
+fn retain_in_vocab(
+    ids: &mut Vec<u32>,
+    file: &Path,
+    field: &'static str,
+    model_vocab: usize,
+    out: &mut Vec<OutOfVocabId>,
+) {
+    ids.retain(|&v| {
+        let ok = (v as usize) < model_vocab;
+        if !ok {
+            out.push(OutOfVocabId { file: file.to_path_buf(), field, id: v, model_vocab });
+        }
+        ok
+    });
 }
 
 /// One tensor queued for writing.

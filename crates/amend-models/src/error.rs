@@ -138,6 +138,22 @@ pub enum Error {
         /// Rows of the model's embedding matrix.
         model_vocab: usize,
     },
+    /// A special-token id that the operation needs is outside the model's vocabulary.
+    #[error(
+        "{op}: {path}: `{field}` = {id} is outside the model's vocabulary ({model_vocab} rows), so it cannot be used; set `{field}` to an id below {model_vocab} (or to null) in that file"
+    )]
+    SpecialTokenOutOfVocab {
+        /// The operation that needs the id.
+        op: &'static str,
+        /// The config file (`config.json` or `generation_config.json`).
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// The id.
+        id: u32,
+        /// Rows of the model's embedding matrix.
+        model_vocab: usize,
+    },
     /// The operation needs a tokenizer and the model has none.
     #[error("{op}: the model has no tokenizer (load a directory with tokenizer.json)")]
     NoTokenizer {

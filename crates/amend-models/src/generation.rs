@@ -251,11 +251,18 @@ pub fn generate_ids<M: CausalLm + ?Sized>(
         .map(|(i, p)| match (p.is_empty(), bos) {
             (false, _) => Ok(p.clone()),
             (true, Some(b)) => Ok(vec![b]),
-            (true, None) => Err(Error::invalid(
-                "generate",
-                "prompts",
-                format!("prompt {i} is empty and the model has no BOS token"),
-            )),
+            (true, None) => Err(
+                match tok
+                    .and_then(|t| t.out_of_vocab_ids().iter().find(|o| o.field == "bos_token_id"))
+                {
+                    Some(o) => o.error("generate (an empty prompt starts with the BOS token)"),
+                    None => Error::invalid(
+                        "generate",
+                        "prompts",
+                        format!("prompt {i} is empty and the model has no BOS token"),
+                    ),
+                },
+            ),
         })
         .collect::<Result<_>>()?;
     let pad = cfg

@@ -143,9 +143,11 @@ pub fn score_ids<M: CausalLm + ?Sized>(
     Ok(out)
 }
 
-fn bos_of<M: CausalLm + ?Sized>(model: &M) -> Option<u32> {
-    let tok = model.tokenizer()?;
-    tok.bos_token_id().or_else(|| tok.eos_token_ids().first().copied())
+fn bos_of<M: CausalLm + ?Sized>(model: &M, op: &'static str) -> Result<Option<u32>> {
+    match model.tokenizer() {
+        Some(tok) => tok.bos_for(op),
+        None => Ok(None),
+    }
 }
 
 /// Scores texts: log-probabilities of every token after the first.
@@ -168,7 +170,7 @@ pub fn score_texts<M: CausalLm + ?Sized>(
     opts: &ScoreOptions,
 ) -> Result<Vec<TokenScores>> {
     let tok = model.tokenizer().ok_or(Error::NoTokenizer { op: "score_texts" })?;
-    let bos = if opts.prepend_bos { bos_of(model) } else { None };
+    let bos = if opts.prepend_bos { bos_of(model, "prepend_bos")? } else { None };
     let mut seqs = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let mut ids = tok.encode(text, opts.add_special_tokens)?;
@@ -198,7 +200,7 @@ pub fn score_continuations<M: CausalLm + ?Sized>(
     opts: &ScoreOptions,
 ) -> Result<Vec<TokenScores>> {
     let tok = model.tokenizer().ok_or(Error::NoTokenizer { op: "score_continuations" })?;
-    let bos = if opts.prepend_bos { bos_of(model) } else { None };
+    let bos = if opts.prepend_bos { bos_of(model, "prepend_bos")? } else { None };
     let mut seqs = Vec::with_capacity(pairs.len());
     let mut starts = Vec::with_capacity(pairs.len());
     for (i, (prompt, cont)) in pairs.iter().enumerate() {

@@ -16,6 +16,40 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     pad: Option<u32>,
     path: Option<PathBuf>,
+    out_of_vocab: Vec<OutOfVocabId>,
+}
+
+/// A special-token id from a model's config files that has no row in its vocabulary.
+///
+/// transformers loads such a model (a GPT-2 saved with a small vocabulary keeps `GPT2Config`'s
+/// default `bos_token_id = eos_token_id = 50256`), and so does amend: the loader warns, leaves the
+/// id out of the tokenizer's special tokens (an end-of-sequence id outside the vocabulary can
+/// never be generated, so dropping it changes nothing), and fails with
+/// [`Error::SpecialTokenOutOfVocab`] only where the id would be used (prepending a BOS token,
+/// generating from an empty prompt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfVocabId {
+    /// The file that sets it (`config.json` or `generation_config.json`).
+    pub file: PathBuf,
+    /// The field (`bos_token_id`, `eos_token_id` or `pad_token_id`).
+    pub field: &'static str,
+    /// The id.
+    pub id: u32,
+    /// Rows of the model's embedding matrix.
+    pub model_vocab: usize,
+}
+
+impl OutOfVocabId {
+    /// The error for using this id in `op`.
+    pub fn error(&self, op: &'static str) -> Error {
+        Error::SpecialTokenOutOfVocab {
+            op,
+            path: self.file.clone(),
+            field: self.field,
+            id: self.id,
+            model_vocab: self.model_vocab,
+        }
+    }
 }
 
 impl Tokenizer {
@@ -29,12 +63,19 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|source| Error::Tokenizer { path: Some(path.to_path_buf()), source })?;
-        Ok(Tokenizer { inner, bos: None, eos: vec![], pad: None, path: Some(path.to_path_buf()) })
+        Ok(Tokenizer {
+            inner,
+            bos: None,
+            eos: vec![],
+            pad: None,
+            path: Some(path.to_path_buf()),
+            out_of_vocab: vec![],
+        })
     }
 
     /// Wraps a tokenizer built in code.
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
-        Tokenizer { inner, bos: None, eos: vec![], pad: None, path: None }
+        Tokenizer { inner, bos: None, eos: vec![], pad: None, path: None, out_of_vocab: vec![] }
     }
 
     /// Sets the special token ids.
@@ -48,6 +89,40 @@ impl Tokenizer {
         self.eos = eos;
         self.pad = pad;
         self
+    }
+
+    /// Records special-token ids of the config files that the loader left out because the
+    /// model's vocabulary has no row for them (see [`OutOfVocabId`]).
+    pub fn with_out_of_vocab_ids(mut self, ids: Vec<OutOfVocabId>) -> Self {
+        self.out_of_vocab = ids;
+        self
+    }
+
+    /// Special-token ids of the config files that are outside the model's vocabulary and were
+    /// left out (empty for a consistent checkpoint).
+    pub fn out_of_vocab_ids(&self) -> &[OutOfVocabId] {
+        &self.out_of_vocab
+    }
+
+    /// The BOS id to prepend: `bos_token_id`, else the first end-of-sequence id (GPT-2's
+    /// convention), else `None`.
+    ///
+    /// # Errors
+    /// [`Error::SpecialTokenOutOfVocab`] when there is no usable id because the config's
+    /// `bos_token_id` (or `eos_token_id`) is outside the vocabulary, naming the file and field.
+    pub fn bos_for(&self, op: &'static str) -> Result<Option<u32>> {
+        if let Some(b) = self.bos.or_else(|| self.eos.first().copied()) {
+            return Ok(Some(b));
+        }
+        let bad = self
+            .out_of_vocab
+            .iter()
+            .find(|o| o.field == "bos_token_id")
+            .or_else(|| self.out_of_vocab.iter().find(|o| o.field == "eos_token_id"));
+        match bad {
+            Some(o) => Err(o.error(op)),
+            None => Ok(None),
+        }
     }
 
     /// The wrapped `tokenizers` tokenizer, for everything this wrapper does not cover.
@@ -140,16 +215,14 @@ impl Tokenizer {
                 model_vocab,
             });
         }
-        for &id in self.bos.iter().chain(&self.eos).chain(&self.pad) {
-            if id as usize >= model_vocab {
-                return Err(Error::TokenizerVocab {
-                    path: path.to_path_buf(),
-                    tokenizer_vocab: self.vocab_size(),
-                    max_id: id,
-                    model_vocab,
-                });
-            }
-        }
+        // Special ids are checked by the loader, which names the config file they come from.
+        debug_assert!(
+            self.bos
+                .iter()
+                .chain(&self.eos)
+                .chain(&self.pad)
+                .all(|&id| (id as usize) < model_vocab)
+        );
         Ok(())
     }
 }

@@ -306,3 +306,76 @@ fn fully_padded_rows_stay_finite() {
     let alone = model.forward_no_grad(&ids.narrow(0, 0, 1), None).unwrap();
     assert!((logits.narrow(0, 0, 1) - alone).abs().max().double_value(&[]) < 1e-5);
 }
+
+/// Sets `field` of the JSON object file `path`.
+fn set_json_field(path: &Path, field: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v[field] = value;
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn special_ids_outside_the_vocabulary_load_and_fail_only_where_used() {
+    // What transformers saves for a GPT-2 with a small vocabulary: GPT2Config's default
+    // bos/eos 50256 in config.json and generation_config.json (the model has 320 rows).
+    let d = copy_to_temp(&model_dir("gpt2"));
+    for file in ["config.json", "generation_config.json"] {
+        set_json_field(&d.path().join(file), "bos_token_id", 50256.into());
+        set_json_field(&d.path().join(file), "eos_token_id", 50256.into());
+    }
+    let model = load(d.path(), &LoadOptions::default()).expect("loads as in transformers");
+    let tok = model.tokenizer().unwrap();
+    assert_eq!(tok.bos_token_id(), None);
+    assert!(tok.eos_token_ids().is_empty());
+    let bad: Vec<(String, &str, u32)> = tok
+        .out_of_vocab_ids()
+        .iter()
+        .map(|o| (o.file.file_name().unwrap().to_string_lossy().into_owned(), o.field, o.id))
+        .collect();
+    assert_eq!(
+        bad,
+        vec![
+            ("config.json".into(), "bos_token_id", 50256),
+            ("config.json".into(), "eos_token_id", 50256),
+            ("generation_config.json".into(), "bos_token_id", 50256),
+            ("generation_config.json".into(), "eos_token_id", 50256),
+        ]
+    );
+    // Scoring without a BOS token and generating from a prompt work.
+    let s = amend_models::score_texts(&model, &["the cat"], &Default::default()).unwrap();
+    assert!(s[0].count() > 0);
+    let g = generate_ids(&model, &[vec![5, 6]], &GenerationConfig::greedy(3)).unwrap();
+    assert_eq!(g[0].token_ids.len(), 3);
+    // Using the id is an error naming the file and the field.
+    let opts = amend_models::ScoreOptions { prepend_bos: true, ..Default::default() };
+    let e = amend_models::score_texts(&model, &["the cat"], &opts).unwrap_err();
+    match &e {
+        Error::SpecialTokenOutOfVocab { path, field, id, model_vocab, .. } => {
+            assert!(path.ends_with("config.json"), "{path:?}");
+            assert_eq!((*field, *id, *model_vocab), ("bos_token_id", 50256, 320));
+        }
+        e => panic!("{e:?}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("config.json") && msg.contains("`bos_token_id` = 50256"), "{msg}");
+    assert!(!msg.contains("tokenizer"), "{msg}");
+    match generate_ids(&model, &[vec![]], &GenerationConfig::greedy(3)).unwrap_err() {
+        Error::SpecialTokenOutOfVocab { field: "bos_token_id", .. } => {}
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn out_of_vocabulary_generation_config_id_is_blamed_on_generation_config() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    set_json_field(&d.path().join("generation_config.json"), "bos_token_id", 999.into());
+    let model = load(d.path(), &LoadOptions::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    // config.json's valid bos (0) is still the tokenizer's; the bad id is recorded where it is.
+    assert_eq!(tok.bos_token_id(), Some(0));
+    let o = &tok.out_of_vocab_ids()[0];
+    assert!(o.file.ends_with("generation_config.json"));
+    assert_eq!((o.field, o.id), ("bos_token_id", 999));
+    assert_eq!(model.generation_config().bos_token_id, None);
+}
