@@ -404,7 +404,7 @@ fn complete_model(out: &Path) -> bool {
 /// Kills `cmd` with `signal` after `delay`; returns whether it had finished by itself.
 fn kill_after(cmd: &[String], signal: &str, delay: std::time::Duration) -> bool {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amend"))
+    let child = Command::new(env!("CARGO_BIN_EXE_amend"))
         .args(cmd)
         .env("RUST_BACKTRACE", "0")
         .stdout(std::process::Stdio::null())

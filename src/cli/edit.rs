@@ -33,7 +33,8 @@ use amend::models::{CausalLm, LoadOptions, Model, UnknownFields};
 ///
 /// Each command writes a new Hugging Face directory (config.json, model.safetensors, tokenizer
 /// files) atomically, with `amend_edit.json` (how it was made) and `amend_edit_metrics.json`
-/// (metrics before and after) next to the weights. The input directory is never written.
+/// (metrics before and after) next to the weights. The input directory is never written; an
+/// interrupted or failed run (Ctrl-C, SIGTERM, a write error) leaves no output.
 /// Without --model, both commands run on the embedded synthetic fact-edit task (a tiny GPT-2
 /// trained on a seeded fact base, cached under $AMEND_CACHE_DIR/models or
 /// ~/.cache/amend/models).
@@ -56,13 +57,17 @@ pub struct CommonArgs {
     /// Hugging Face checkpoint directory to edit (default: the embedded fact-edit task's model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Output directory (a new Hugging Face directory).
+    /// Output directory (a new Hugging Face directory). It may not be, contain or sit inside an
+    /// input (the model, the data files, the model cache).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Replace an existing output directory (only once the new one is complete).
+    /// Replace an existing output directory, only if it is an earlier amend output holding
+    /// nothing but amend's files (listed in its amend_output.json), and only once the new one is
+    /// complete.
     #[arg(long)]
     pub overwrite: bool,
-    /// Also write the metrics JSON to this file.
+    /// Also write the metrics JSON to this file (not an input, not inside --out; replaced if it
+    /// exists). Both --out and --metrics are written, or neither.
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
     /// libtorch intra-op threads (default: libtorch's choice).
