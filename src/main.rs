@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod interrupt;
 
 /// amend: minimal targeted updates of language models.
 ///
@@ -34,7 +35,9 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    interrupt::install();
+    match command {
         Command::Info(args) => cli::info::run(&args),
         Command::Score(args) => cli::score::run(&args),
         Command::Generate(args) => cli::generate::run(&args),

@@ -319,7 +319,7 @@ fn output_never_over_or_inside_the_input() {
             .unwrap();
         assert!(!r.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains("input directory"), "{args:?}: {err}");
+        assert!(err.contains("the input --model"), "{args:?}: {err}");
         assert!(!inside.exists());
         for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
             assert_eq!(

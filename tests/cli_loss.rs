@@ -293,7 +293,7 @@ fn bad_input_fails_with_a_clear_message() {
     write(&inputs, &[("logits", &nan), ("labels", &labels), ("weights", &weights)]);
     fails(&["loss", "nl", "--inputs", i, "--out", o], "not finite");
     // The output may not overwrite an input, and a missing input file is reported.
-    fails(&["loss", "nl", "--inputs", i, "--out", i], "is an input file");
+    fails(&["loss", "nl", "--inputs", i, "--out", i], "it is the input --inputs");
     fails(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o], "cannot read");
     assert!(inputs.exists(), "the input file survived");
 }

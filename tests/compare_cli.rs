@@ -141,7 +141,7 @@ fn quick_compare_writes_a_complete_report() {
     let leftovers: Vec<_> = std::fs::read_dir(&tmp.0)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".amend-compare"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".amend-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary folders left behind");
 }

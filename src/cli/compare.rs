@@ -48,7 +48,9 @@ pub struct CompareArgs {
     /// Seed of the synthetic task and its base model (a new value trains a new base model).
     #[arg(long, default_value_t = 0)]
     pub task_seed: u64,
-    /// Report folder (replaced if it holds an earlier report).
+    /// Report folder. An existing one is replaced only if it is empty or an earlier report
+    /// holding nothing but the report's files; it may not be, contain or sit inside --model,
+    /// --data or the model cache.
     #[arg(long, default_value = "reports/compare", value_name = "DIR")]
     pub out: PathBuf,
     /// libtorch threads. 1 is fastest for the tiny default model and safe when other jobs
@@ -87,6 +89,7 @@ pub struct CompareArgs {
 
 /// Runs `amend compare`.
 pub fn run(args: &CompareArgs) -> Result<()> {
+    check_out(args)?;
     let mut cfg = if args.quick { CompareConfig::quick() } else { CompareConfig::default_mode() };
     if !args.methods.is_empty() {
         let mut methods = Vec::new();
@@ -165,6 +168,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         runtime.libtorch_version.unwrap_or_else(|| "unknown".into()),
     );
     env.insert("command".into(), command_line());
+    check_out(args)?;
     let files = write_report(&results, &args.out)
         .with_context(|| format!("cannot write the report to {}", args.out.display()))?;
     let mut out = String::new();
@@ -178,6 +182,34 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         if files.svg.is_some() { ", plot.svg, plot.png" } else { "" }
     );
     super::score::emit(&out)
+}
+
+/// Checks --out before any work (and again before writing): it may not be, contain or sit
+/// inside --model, --data or the model cache, and an existing folder is replaced only if it is
+/// empty or an earlier report holding nothing but the report's files.
+fn check_out(args: &CompareArgs) -> Result<()> {
+    use amend::models::output::{Existing, OutputKind, OutputSpec, check_outputs};
+    let cache = args.cache_dir.clone().unwrap_or_else(amend::eval::base::default_model_cache);
+    let mut inputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(m) = &args.model {
+        inputs.push(("--model", m));
+    }
+    if let Some(d) = &args.data {
+        inputs.push(("--data", d));
+    }
+    if args.model.is_none() {
+        inputs.push(("--cache-dir", &cache));
+    }
+    let spec = OutputSpec {
+        label: "--out",
+        path: &args.out,
+        kind: OutputKind::Dir,
+        existing: Existing::ReplaceAmendOutput {
+            legacy: Some(amend::eval::report::EARLIER_REPORT),
+        },
+    };
+    check_outputs(&[spec], &inputs)?;
+    Ok(())
 }
 
 /// `START..END` (half-open, non-empty).

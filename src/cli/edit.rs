@@ -33,7 +33,8 @@ use amend::models::{CausalLm, LoadOptions, Model, UnknownFields};
 ///
 /// Each command writes a new Hugging Face directory (config.json, model.safetensors, tokenizer
 /// files) atomically, with `amend_edit.json` (how it was made) and `amend_edit_metrics.json`
-/// (metrics before and after) next to the weights. The input directory is never written.
+/// (metrics before and after) next to the weights. The input directory is never written; an
+/// interrupted or failed run (Ctrl-C, SIGTERM, a write error) leaves no output.
 /// Without --model, both commands run on the embedded synthetic fact-edit task (a tiny GPT-2
 /// trained on a seeded fact base, cached under $AMEND_CACHE_DIR/models or
 /// ~/.cache/amend/models).
@@ -56,13 +57,17 @@ pub struct CommonArgs {
     /// Hugging Face checkpoint directory to edit (default: the embedded fact-edit task's model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Output directory (a new Hugging Face directory).
+    /// Output directory (a new Hugging Face directory). It may not be, contain or sit inside an
+    /// input (the model, the data files, the model cache).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Replace an existing output directory (only once the new one is complete).
+    /// Replace an existing output directory, only if it is an earlier amend output holding
+    /// nothing but amend's files (listed in its amend_output.json), and only once the new one is
+    /// complete.
     #[arg(long)]
     pub overwrite: bool,
-    /// Also write the metrics JSON to this file.
+    /// Also write the metrics JSON to this file (not an input, not inside --out; replaced if it
+    /// exists). Both --out and --metrics are written, or neither.
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
     /// libtorch intra-op threads (default: libtorch's choice).
@@ -347,40 +352,65 @@ fn embedded(c: &CommonArgs) -> Result<(FactTask, Model, PathBuf)> {
     Ok((task, Model::Gpt2(model), dir))
 }
 
-/// Refuses, before any work, an output that exists (without --overwrite) or that is, contains or
-/// is inside the input directory. The writers check again when they write.
-fn check_out(c: &CommonArgs, input: &Path) -> Result<()> {
-    let canon = |p: &Path| -> Option<PathBuf> {
-        let abs = std::path::absolute(p).ok()?;
-        match abs.canonicalize() {
-            Ok(x) => Some(x),
-            Err(_) => Some(abs.parent()?.canonicalize().ok()?.join(abs.file_name()?)),
-        }
-    };
-    if let (Some(out), Ok(input)) = (canon(&c.out), input.canonicalize())
-        && (out.starts_with(&input) || input.starts_with(&out))
-    {
-        bail!(
-            "--out {} is, contains or is inside the input directory {}; choose another directory",
-            c.out.display(),
-            input.display()
-        );
+/// Checks `--out` and `--metrics` against the inputs (flag, path) and each other, before any
+/// work and again just before writing (see `amend::models::output::check_outputs`): neither may
+/// be, contain or sit inside an input (the model cache too, for the embedded task) or the other;
+/// an existing `--out` is replaced only with --overwrite and only if it is an earlier amend
+/// output holding nothing else; `--metrics` is replaced if it exists.
+fn check_outputs(c: &CommonArgs, inputs: &[(&str, Option<&PathBuf>)]) -> Result<()> {
+    use amend::models::output::{Existing, OutputKind, OutputSpec};
+    let cache = c.cache_dir.clone().unwrap_or_else(default_model_cache);
+    let mut ins: Vec<(&str, &Path)> =
+        inputs.iter().filter_map(|(l, p)| p.map(|p| (*l, p.as_path()))).collect();
+    if let Some(m) = &c.model {
+        ins.push(("--model", m));
+    } else {
+        ins.push(("--cache-dir", &cache));
     }
-    if c.out.exists() && !c.overwrite {
-        bail!("--out {} exists; pass --overwrite to replace it", c.out.display());
+    let mut specs = vec![OutputSpec {
+        label: "--out",
+        path: &c.out,
+        kind: OutputKind::Dir,
+        existing: if c.overwrite {
+            Existing::ReplaceAmendOutput { legacy: Some(amend::edit::manifest::EARLIER_OUTPUT) }
+        } else {
+            Existing::Refuse {
+                hint: "pass --overwrite to replace it (only an earlier amend output is replaced)",
+            }
+        },
+    }];
+    if let Some(m) = &c.metrics {
+        specs.push(OutputSpec {
+            label: "--metrics",
+            path: m,
+            kind: OutputKind::File,
+            existing: Existing::ReplaceFile,
+        });
     }
+    amend::models::output::check_outputs(&specs, &ins)?;
     Ok(())
 }
 
+/// Writes the `--metrics` copy (staged, then renamed into place).
 fn write_metrics_copy(path: Option<&PathBuf>, bytes: &[u8]) -> Result<()> {
+    use amend::models::output::{Replace, Staged};
     if let Some(p) = path {
-        std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
+        let staged = Staged::file("--metrics", p)?;
+        std::fs::write(staged.path(), bytes)
+            .with_context(|| format!("cannot write --metrics {}", p.display()))?;
+        staged.commit(Replace::Any)?;
     }
     Ok(())
 }
 
 fn run_project(a: &ProjectArgs) -> Result<()> {
     let c = &a.common;
+    let inputs = [
+        ("--pairs", a.pairs.as_ref()),
+        ("--indices", a.indices.as_ref()),
+        ("--config", a.config.as_ref()),
+    ];
+    check_outputs(c, &inputs)?;
     setup(c);
     let mut cfg: ProfsConfig = match &a.config {
         Some(p) => serde_json::from_slice(
@@ -454,7 +484,6 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
             (model, pairs, dir, Some((task, sup)))
         }
     };
-    check_out(c, &input_dir)?;
     let used: Vec<&PreferencePair> = pairs.iter().take(cfg.n_pairs.min(200)).collect();
     let pref: Vec<&str> = used.iter().map(|p| p.preferred.as_str()).collect();
     let disp: Vec<&str> = used.iter().map(|p| p.dispreferred.as_str()).collect();
@@ -491,6 +520,9 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
     let manifest = profs_manifest(&report, Some(&input_dir))?;
     let mut extra = BTreeMap::new();
     extra.insert(METRICS_FILE.to_string(), bytes.clone());
+    // Both outputs or neither: an error or an interruption undoes the one already written.
+    let transaction = amend::models::output::Transaction::begin();
+    check_outputs(c, &inputs)?;
     let dir = write_edited_model(
         &model,
         &c.out,
@@ -498,6 +530,7 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
         &OutputOptions { overwrite: c.overwrite, extra_files: extra },
     )?;
     write_metrics_copy(c.metrics.as_ref(), &bytes)?;
+    transaction.confirm();
     println!(
         "ProFS: layers {}..{}, k = {}, {} pairs; {} tensors edited; wrote {}",
         report.layers.start,
@@ -538,6 +571,12 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
 
 fn run_finetune(a: &FinetuneArgs) -> Result<()> {
     let c = &a.common;
+    let inputs = [
+        ("--edits", a.edits.as_ref()),
+        ("--locality-pool", a.locality_pool.as_ref()),
+        ("--recipe", a.recipe.as_ref()),
+    ];
+    check_outputs(c, &inputs)?;
     setup(c);
     let (mut model, requests, pool, input_dir, embedded_task) = match (&c.model, &a.edits) {
         (Some(dir), Some(edits)) => {
@@ -554,7 +593,6 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
             (model, task.edits.clone(), task.locality_pool.clone(), dir, true)
         }
     };
-    check_out(c, &input_dir)?;
     let n = model.num_layers();
     let mid = vec![n / 2];
     let mut recipe = match (&a.recipe, a.method) {
@@ -644,6 +682,9 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
     let manifest = ft_manifest(&outcome, Some(&input_dir))?;
     let mut extra = BTreeMap::new();
     extra.insert(METRICS_FILE.to_string(), bytes.clone());
+    // Both outputs or neither: an error or an interruption undoes the one already written.
+    let transaction = amend::models::output::Transaction::begin();
+    check_outputs(c, &inputs)?;
     let dir = if recipe.mode == EditMode::Single {
         extra.insert(MANIFEST_FILE.to_string(), manifest.to_bytes()?);
         write_dir_atomically(&c.out, &extra, c.overwrite, Some(&input_dir))?
@@ -656,6 +697,7 @@ fn run_finetune(a: &FinetuneArgs) -> Result<()> {
         )?
     };
     write_metrics_copy(c.metrics.as_ref(), &bytes)?;
+    transaction.confirm();
     let r = &outcome.report;
     println!(
         "{} ({:?}): {} edits, rows E/P/R = {}/{}/{}, {} trained tensors ({} scalars), {} optimizer steps, {:.1} s",

@@ -54,7 +54,8 @@ pub struct LossArgs {
     /// safetensors file with the input tensors, named as --list shows.
     #[arg(long, value_name = "FILE", required_unless_present = "list")]
     pub inputs: Option<PathBuf>,
-    /// safetensors file to write (atomically; it must not be an input).
+    /// safetensors file to write (atomically; it may not be, or sit inside, an input; an existing
+    /// file is replaced).
     #[arg(long, value_name = "FILE", required_unless_present = "list")]
     pub out: Option<PathBuf>,
     /// List the losses and the tensors each one reads, then exit.
@@ -566,37 +567,29 @@ fn run_loss(spec: &'static Spec, alias: &str, inp: &Inputs, cfg: Option<&Path>) 
     })
 }
 
-/// Refuses an output path that is one of the inputs.
-fn check_out(out: &Path, inputs: &[&Path]) -> Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let o = canon(out);
-    for i in inputs {
-        if o == canon(i) {
-            bail!("--out {} is an input file; choose another output path", out.display());
-        }
-    }
-    if out.is_dir() {
-        bail!("--out {} is a directory", out.display());
-    }
+/// Refuses, before any work, an output path that is, contains or sits inside an input, or is a
+/// folder (see `amend::models::output::check_outputs`). An existing file is replaced.
+fn check_out(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    use amend::models::output::{Existing, OutputKind, OutputSpec, check_outputs};
+    let spec = OutputSpec {
+        label: "--out",
+        path: out,
+        kind: OutputKind::File,
+        existing: Existing::ReplaceFile,
+    };
+    check_outputs(&[spec], inputs)?;
     Ok(())
 }
 
-/// Writes `tensors` to `path` through a temporary file in the same folder and a rename, so a
-/// reader never sees a half-written file and a failure leaves nothing behind.
+/// Writes `tensors` to `path` through a staging file next to it and a rename, so a reader never
+/// sees a half-written file and a failure or an interruption leaves nothing behind.
 fn write_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file = path.file_name().context("--out has no file name")?.to_string_lossy().to_string();
-    let tmp = dir.join(format!(".{file}.tmp-{}", std::process::id()));
-    let res = Tensor::write_safetensors(tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-        });
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    use amend::models::output::{Replace, Staged};
+    let staged = Staged::file("--out", path)?;
+    Tensor::write_safetensors(tensors, staged.path())
+        .with_context(|| format!("cannot write --out {}", path.display()))?;
+    staged.commit(Replace::Any)?;
+    Ok(())
 }
 
 fn scalar64(x: f64) -> Tensor {
@@ -619,9 +612,9 @@ pub fn run(args: &LossArgs) -> Result<()> {
     })?;
     let inputs_path = args.inputs.as_deref().context("--inputs is required")?;
     let out_path = args.out.as_deref().context("--out is required")?;
-    let mut protected = vec![inputs_path];
+    let mut protected = vec![("--inputs", inputs_path)];
     if let Some(c) = &args.config {
-        protected.push(c);
+        protected.push(("--config", c));
     }
     check_out(out_path, &protected)?;
     if let Some(n) = args.threads {

@@ -103,6 +103,21 @@ pub fn hash_weight_files(dir: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// Edited directories written before [`amend_models::output::OUTPUT_MARKER`] existed: they hold
+/// [`MANIFEST_FILE`] and only the files `amend edit` writes (the model files, the manifest and
+/// the metrics), so `amend edit --overwrite` may replace them.
+pub const EARLIER_OUTPUT: amend_models::output::Legacy =
+    amend_models::output::Legacy { marker: MANIFEST_FILE, known: is_edit_output_file };
+
+fn is_edit_output_file(name: &str) -> bool {
+    ["config.json", amend_models::WEIGHTS_FILE, MANIFEST_FILE, METRICS_FILE].contains(&name)
+        || amend_models::AUX_FILES.contains(&name)
+}
+
+fn model_err(e: amend_models::output::OutputError) -> Error {
+    amend_models::Error::from(e).into()
+}
+
 /// Options of the edited-directory writers.
 #[derive(Debug, Clone, Default)]
 pub struct OutputOptions {
@@ -138,8 +153,9 @@ pub fn to_json_value<T: Serialize>(what: &str, v: &T) -> Result<serde_json::Valu
     serde_json::to_value(v).map_err(|source| Error::Json { path: what.into(), line: None, source })
 }
 
-/// Writes `files` (name → bytes) into a new directory `out_dir`, atomically: into a temporary
-/// directory next to it, synced, then renamed into place. An existing `out_dir` is an error
+/// Writes `files` (name → bytes) into a new directory `out_dir`, atomically: into a staging
+/// directory next to it (removed on an error or an interruption, see
+/// [`amend_models::output::Staged`]), synced, then renamed into place. An existing `out_dir` is an error
 /// unless `overwrite`, in which case it is replaced only once the new directory is complete.
 /// `out_dir` may never be, contain or lie inside `input_dir` (after canonicalisation), even with
 /// `overwrite`. Used for outputs without weights (e.g. the metrics of single-mode edits).
@@ -153,7 +169,6 @@ pub fn write_dir_atomically(
     overwrite: bool,
     input_dir: Option<&Path>,
 ) -> Result<PathBuf> {
-    use std::io::Write;
     let refuse = |path: &Path, reason: String| -> Error {
         amend_models::Error::OutputDir { path: path.to_path_buf(), reason }.into()
     };
@@ -183,32 +198,18 @@ pub fn write_dir_atomically(
     if out_dir.exists() && !out_dir.is_dir() {
         return Err(refuse(out_dir, "it exists and is not a directory".into()));
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(".amend-edit-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let staged = amend_models::output::Staged::dir("output", out_dir).map_err(model_err)?;
     for (name, bytes) in files {
-        let path = tmp.path().join(name);
-        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&path, e))?;
-        f.sync_all().map_err(|e| Error::io(&path, e))?;
-    }
-    let staged = tmp.keep();
-    if out_dir.exists() {
-        let old = parent.join(format!(
-            ".amend-edit-old-{}",
-            out_dir.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned())
-        ));
-        std::fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
-        if let Err(e) = std::fs::rename(&staged, out_dir) {
-            let _ = std::fs::rename(&old, out_dir);
-            let _ = std::fs::remove_dir_all(&staged);
-            return Err(Error::io(out_dir, e));
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(refuse(out_dir, format!("`{name}` is not a plain file name")));
         }
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else if let Err(e) = std::fs::rename(&staged, out_dir) {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(Error::io(out_dir, e));
+        staged.write_file(name, bytes).map_err(model_err)?;
     }
+    let replace = if overwrite {
+        amend_models::output::Replace::Any
+    } else {
+        amend_models::output::Replace::Never
+    };
+    staged.commit(replace).map_err(model_err)?;
     Ok(out_dir.to_path_buf())
 }

@@ -341,73 +341,44 @@ pub fn terminal_summary(r: &CompareResults) -> String {
     s
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+/// Report folders written before [`amend_models::output::OUTPUT_MARKER`] existed: they hold
+/// `results.json` and only the report's files, so a later report may replace them.
+pub const EARLIER_REPORT: amend_models::output::Legacy =
+    amend_models::output::Legacy { marker: "results.json", known: is_report_file };
+
+fn is_report_file(name: &str) -> bool {
+    ["report.md", "results.json", "plot.svg", "plot.png"].contains(&name)
 }
 
-/// Whether `dir` holds a report this function wrote (so that it may be replaced).
-fn is_report_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("results.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("format").is_some() && v.get("points").is_some())
-}
-
-/// Writes the report folder `out`: `report.md`, `results.json`, `plot.svg`, `plot.png`.
+/// Writes the report folder `out`: `report.md`, `results.json`, `plot.svg`, `plot.png` and
+/// `amend_output.json` (the list of these files).
 ///
-/// The folder is assembled in a temporary sibling and renamed into place, so `out` is never
-/// left half-written. An existing `out` is replaced only if it is a previous report (it holds a
-/// `results.json` of this format); any other existing path is an error.
+/// The folder is assembled in a staging folder next to it (removed on an error or an
+/// interruption, see [`amend_models::output::Staged`]) and renamed into place, so `out` is
+/// never left half-written. An existing `out` is replaced only if it is empty or an earlier
+/// report holding only the report's files; a folder with any other file is refused, so that
+/// nothing amend did not write is ever deleted.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] when `out` exists and is not a report folder; [`Error::Io`],
-/// [`Error::Json`], [`Error::Plot`].
+/// [`Error::Model`] with [`amend_models::output::OutputError`] when `out` exists and may not be
+/// replaced, or cannot be written; [`Error::Json`], [`Error::Plot`].
 pub fn write_report(results: &CompareResults, out: &Path) -> Result<ReportFiles> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    if out.exists() && !(out.is_dir() && is_report_dir(out)) {
-        return Err(Error::InvalidInput {
-            op: "write_report",
-            name: "out".into(),
-            reason: format!(
-                "{} exists and is not an amend compare report folder; choose another --out",
-                out.display()
-            ),
-        });
+    use amend_models::output::{Replace, Staged, check_replaceable};
+    let refuse = |e: amend_models::output::OutputError| Error::from(amend_models::Error::from(e));
+    if out.is_dir() {
+        check_replaceable("report folder", out, Some(&EARLIER_REPORT)).map_err(refuse)?;
     }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".amend-compare-")
-        .tempdir_in(&parent)
-        .map_err(io(&parent))?;
-    let stage = tmp.path();
-    write_file(&stage.join("report.md"), markdown(results).as_bytes())?;
+    let staged = Staged::dir("report folder", out).map_err(refuse)?;
+    staged.write_file("report.md", markdown(results).as_bytes()).map_err(refuse)?;
     let json = serde_json::to_vec_pretty(results)
         .map_err(|source| Error::Json { path: out.join("results.json"), source })?;
-    write_file(&stage.join("results.json"), &json)?;
+    staged.write_file("results.json", &json).map_err(refuse)?;
+    let stage = staged.path();
     let plotted = crate::plot::plottable(results);
     if plotted {
         crate::plot::draw_plot(results, &stage.join("plot.svg"), &stage.join("plot.png"))?;
     }
-    let staged = tmp.keep();
-    if out.exists() {
-        let old = parent.join(format!(
-            ".amend-compare-old-{}-{}",
-            std::process::id(),
-            out.file_name().map_or_else(|| "report".into(), |n| n.to_string_lossy().into_owned())
-        ));
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(&staged, out).map_err(io(out))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(&staged, out).map_err(io(out))?;
-    }
+    staged.commit(Replace::AmendOutput(Some(EARLIER_REPORT))).map_err(refuse)?;
     Ok(ReportFiles {
         dir: out.to_path_buf(),
         markdown: out.join("report.md"),

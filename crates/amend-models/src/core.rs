@@ -348,11 +348,10 @@ pub(crate) fn save(
         });
     }
 
-    let tmp = tempfile::Builder::new()
-        .prefix(".amend-save-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
-    let tmp_path = tmp.path().to_path_buf();
+    // Assembled in a staging folder next to `out` (removed on an error or an interruption) and
+    // renamed into place when complete; see `crate::output`.
+    let staged = crate::output::Staged::dir("output", &out)?;
+    let tmp_path = staged.path().to_path_buf();
 
     // Tensors: parameters under their file keys and stored dtypes, then pass-through buffers.
     let mut pending: Vec<(String, Pending)> = Vec::with_capacity(core.params.len());
@@ -419,23 +418,9 @@ pub(crate) fn save(
     sync_dir(&tmp_path)?;
 
     // Rename into place; an existing directory is replaced only now that the new one is complete.
-    let kept = tmp.keep();
-    if out.exists() {
-        let backup =
-            parent.join(format!(".amend-old-{}-{}", name.to_string_lossy(), std::process::id()));
-        std::fs::rename(&out, &backup).map_err(|e| Error::io(&out, e))?;
-        if let Err(e) = std::fs::rename(&kept, &out) {
-            let _ = std::fs::rename(&backup, &out);
-            let _ = std::fs::remove_dir_all(&kept);
-            return Err(Error::io(&out, e));
-        }
-        std::fs::remove_dir_all(&backup).map_err(|e| Error::io(&backup, e))?;
-    } else if let Err(e) = std::fs::rename(&kept, &out) {
-        let _ = std::fs::remove_dir_all(&kept);
-        return Err(Error::io(&out, e));
-    }
-    sync_dir(&parent)?;
-    Ok(out)
+    let replace =
+        if opts.overwrite { crate::output::Replace::Any } else { crate::output::Replace::Never };
+    Ok(staged.commit(replace)?)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

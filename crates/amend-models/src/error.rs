@@ -204,6 +204,9 @@ pub enum Error {
         /// Why (it is the input directory, exists already, …).
         reason: String,
     },
+    /// An output path is refused, or writing an output failed (see [`crate::output`]).
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     /// A training run hit a non-finite loss or gradient norm.
     #[error("training step {step}: non-finite {what} ({value})")]
     NonFinite {

@@ -13,6 +13,7 @@
 //! | [`generate`], [`GenerationConfig`] | greedy / sampled generation with a KV cache |
 //! | [`score_texts`], [`score_continuations`] | per-token log-probabilities and perplexity |
 //! | [`train`] | AdamW with weight-decay groups, schedules, clipping, accumulation, checkpoints, metrics log |
+//! | [`output`] | output-path checks against the inputs, staged atomic writes, cleanup on interruption |
 //! | [`recipe`] | the tiny-model recipe (BPE tokenizer + GPT-2 trained from scratch), synthetic corpus |
 //!
 //! Errors are the one enum [`Error`]; every variant that concerns a file names it, and tch errors
@@ -31,6 +32,7 @@ mod gpt2;
 mod layers;
 mod llama;
 mod model;
+pub mod output;
 mod params;
 pub mod recipe;
 pub mod scoring;
