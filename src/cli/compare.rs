@@ -55,7 +55,7 @@ pub struct CompareArgs {
     pub out: PathBuf,
     /// libtorch threads. 1 is fastest for the tiny default model and safe when other jobs
     /// share the cores (libtorch's thread pool spins while waiting).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value = "1", value_name = "N", value_parser = super::threads_arg)]
     pub threads: i32,
     /// A local Hugging Face checkpoint to compare the methods on (needs --data).
     #[arg(long, value_name = "DIR", requires = "data")]
@@ -107,7 +107,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     cfg = cfg.with_seed(args.seed);
     cfg.task.seed = args.task_seed;
     cfg.base_recipe.seed = args.task_seed;
-    cfg.threads = Some(args.threads.max(1));
+    cfg.threads = Some(args.threads);
     if let Some(s) = args.steps {
         cfg.budget.steps = s.max(1);
     }
@@ -122,7 +122,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     }
     cfg.target_rate = TargetRate::FractionOfBase(args.target_fraction);
     cfg.profs_layers.clone_from(&args.profs_layers);
-    tch::set_num_threads(args.threads.max(1));
+    tch::set_num_threads(args.threads);
 
     let terminal = TerminalProgress::new();
     let progress: &dyn Progress = if args.no_progress { &NoProgress } else { &terminal };

@@ -70,8 +70,8 @@ pub struct CommonArgs {
     /// exists). Both --out and --metrics are written, or neither.
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long, value_name = "N")]
+    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
+    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
     pub threads: Option<i32>,
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]

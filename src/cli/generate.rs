@@ -62,8 +62,8 @@ pub struct GenerateArgs {
     /// Parameter dtype: f32, bf16, f16 or f64.
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long, value_name = "N")]
+    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
+    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
     pub threads: Option<i32>,
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]

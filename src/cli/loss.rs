@@ -61,8 +61,8 @@ pub struct LossArgs {
     /// List the losses and the tensors each one reads, then exit.
     #[arg(long)]
     pub list: bool,
-    /// libtorch intra-op threads (also the fused kernels' threads).
-    #[arg(long, value_name = "N")]
+    /// libtorch intra-op threads (also the fused kernels' threads), 1 to 4 per logical CPU.
+    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
     pub threads: Option<i32>,
 }
 

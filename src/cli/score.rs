@@ -45,8 +45,8 @@ pub struct ScoreArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub batch_size: usize,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long, value_name = "N")]
+    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
+    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
     pub threads: Option<i32>,
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]

@@ -71,7 +71,8 @@ pub struct CompareConfig {
     pub sweeps: Vec<MethodSweep>,
     /// The matched unwanted rate of the summary.
     pub target_rate: TargetRate,
-    /// libtorch intra-op threads (`None`: leave libtorch's setting).
+    /// libtorch intra-op threads (`None`: leave libtorch's setting); checked by
+    /// [`amend_models::machine::check_threads`] (0 or more than 4 per logical CPU is an error).
     pub threads: Option<i32>,
     /// The layers ProFS edits, half-open (`None`: [`crate::methods::profs_layers`], the upper
     /// 60 % of the blocks).
@@ -403,7 +404,7 @@ pub fn run_comparison(
 ) -> Result<CompareResults> {
     let t0 = Instant::now();
     if let Some(n) = cfg.threads {
-        tch::set_num_threads(n);
+        amend_models::machine::set_threads(i64::from(n))?;
     }
     let cfg = &fit_lengths(base, task, cfg)?;
     progress.phase("sampling and annotating training data from the base model");
@@ -565,7 +566,7 @@ pub fn run_synthetic(
     progress: &dyn Progress,
 ) -> Result<CompareResults> {
     if let Some(n) = cfg.threads {
-        tch::set_num_threads(n);
+        amend_models::machine::set_threads(i64::from(n))?;
     }
     let synthetic = SyntheticTask::new(cfg.task.clone())?;
     let corpus = synthetic.corpus();

@@ -109,9 +109,9 @@ pub enum Error {
     /// Logits at an active position hold NaN or `+inf`, or have no finite entry, and the loss's
     /// non-finite policy is [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) (the default).
     #[error(
-        "{op}: `{name}` is not finite at active position {index:?} ({count} such positions); \
-         NaN and +inf are rejected by default (set `non_finite` to `propagate` to let them reach \
-         the loss)"
+        "{op}: `{name}` at active position {index:?} {what} ({count} such positions); \
+         NaN, +inf and rows without a finite logit are rejected by default (set `non_finite` to \
+         `propagate` to let them reach the loss)"
     )]
     NonFiniteLogits {
         /// Loss that rejected the input.
@@ -122,6 +122,9 @@ pub enum Error {
         index: Vec<i64>,
         /// Number of offending positions.
         count: i64,
+        /// What is wrong with the first one: `"holds NaN"`, `"holds +inf"` or `"has no finite
+        /// entry (every logit is -inf)"`.
+        what: &'static str,
     },
     /// A caller-supplied closure (for example the model step of a generation helper) failed.
     #[error("{op}: the caller-supplied closure failed")]
@@ -185,3 +188,15 @@ pub enum Error {
 
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What is wrong with a logits row that failed the finiteness check (for
+/// [`Error::NonFiniteLogits`]): NaN first, then `+inf`, else no finite entry.
+pub(crate) fn describe_bad_row(row: &tch::Tensor) -> Result<&'static str> {
+    if bool::try_from(row.f_isnan()?.f_any()?)? {
+        Ok("holds NaN")
+    } else if bool::try_from(row.f_isposinf()?.f_any()?)? {
+        Ok("holds +inf")
+    } else {
+        Ok("has no finite entry (every logit is -inf)")
+    }
+}

@@ -686,6 +686,18 @@ impl LlamaConfig {
                 format!("{num_attention_heads} heads do not divide hidden_size = {hidden_size}"),
             ));
         }
+        // Per-layer lists below have one entry per layer: a count beyond this machine's memory in
+        // bytes can never load, and must not abort in an allocation here (the full size check
+        // runs when the model is built).
+        if let Some(mem) = crate::machine::total_memory()
+            && num_hidden_layers as u64 > mem
+        {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers",
+                format!("{num_hidden_layers} layers cannot fit in this machine's memory"),
+            ));
+        }
         let hidden_act = match get::<String>(map, path, "hidden_act")? {
             Some(name) => Activation::parse(path, "hidden_act", &name)?,
             None => Activation::Silu,

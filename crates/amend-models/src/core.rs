@@ -121,6 +121,7 @@ pub(crate) fn open_dir(dir: &Path, opts: &LoadOptions) -> Result<OpenedDir> {
     let raw_config: Value = serde_json::from_str(&text)
         .map_err(|source| Error::Json { path: config_path.clone(), source })?;
     let config = ModelConfig::from_hf_json(&raw_config, &config_path, opts.unknown_config_fields)?;
+    crate::machine::check_model_fits(&config, opts.kind, &config_path)?;
     let ckpt = Checkpoint::open(&dir)?;
     let reader = CheckpointReader::new(ckpt, opts.kind, opts.device);
     Ok(OpenedDir { dir, config, raw_config, weights: CheckpointWeights::new(reader) })

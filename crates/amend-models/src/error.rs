@@ -207,6 +207,39 @@ pub enum Error {
     /// An output path is refused, or writing an output failed (see [`crate::output`]).
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
+    /// A thread count outside `1..=max` (see [`crate::machine::check_threads`]).
+    #[error(
+        "{requested} threads: the thread count must be between 1 and {max} ({} per logical CPU; this machine has {cpus} logical CPUs): more threads than CPUs only slow libtorch down",
+        crate::machine::THREADS_PER_CPU
+    )]
+    Threads {
+        /// The count asked for.
+        requested: i64,
+        /// The largest count accepted.
+        max: usize,
+        /// Logical CPUs of this process.
+        cpus: usize,
+    },
+    /// A configuration whose parameters cannot fit in this machine's memory (checked before
+    /// anything is allocated, see [`crate::machine::check_model_fits`]).
+    #[error(
+        "{path}: the configuration describes {parameters:.3e} parameters ({} in {dtype}), more than this machine's memory ({}); check its sizes: {fields}",
+        crate::machine::human_bytes(*bytes), crate::machine::human_bytes(*memory as f64)
+    )]
+    ModelTooLarge {
+        /// The config file.
+        path: PathBuf,
+        /// Parameters the configuration implies.
+        parameters: f64,
+        /// Their size in bytes in `dtype`.
+        bytes: f64,
+        /// The dtype asked for.
+        dtype: String,
+        /// Memory of this machine (or its cgroup limit) in bytes.
+        memory: u64,
+        /// The size fields, as `name = value` pairs.
+        fields: String,
+    },
     /// A training run hit a non-finite loss or gradient norm.
     #[error("training step {step}: non-finite {what} ({value})")]
     NonFinite {

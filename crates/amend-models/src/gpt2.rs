@@ -126,7 +126,8 @@ impl Gpt2 {
     ///
     /// # Errors
     /// [`Error::Io`], [`Error::Json`], [`Error::Config`], [`Error::UnknownArchitecture`] (a
-    /// non-GPT-2 config), [`Error::NoWeights`], [`Error::TruncatedFile`], [`Error::Safetensors`],
+    /// non-GPT-2 config), [`Error::ModelTooLarge`] (checked before reading any tensor),
+    /// [`Error::NoWeights`], [`Error::TruncatedFile`], [`Error::Safetensors`],
     /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::TensorShape`],
     /// [`Error::TensorDtype`], [`Error::Tokenizer`], [`Error::TokenizerVocab`].
     pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
@@ -158,10 +159,13 @@ impl Gpt2 {
     /// deterministic given `seed`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration; [`Error::Tch`].
+    /// [`Error::Config`] for an invalid configuration; [`Error::ModelTooLarge`] when its parameters
+    /// cannot fit in memory; [`Error::Tch`].
     pub fn new_random(cfg: Gpt2Config, seed: u64, kind: Kind, device: Device) -> Result<Self> {
         cfg.validate()?;
         crate::params::check_float_kind("Gpt2::new_random", kind)?;
+        let whole = crate::config::ModelConfig::Gpt2(cfg.clone());
+        crate::machine::check_model_fits(&whole, kind, std::path::Path::new("<in memory>"))?;
         let mut src = RandomWeights::new(seed, kind, device);
         let (parts, params) = build(&cfg, &mut src)?;
         Ok(Gpt2::from_parts(cfg, parts, Core::new(params)))

@@ -13,6 +13,7 @@
 //! | [`generate`], [`GenerationConfig`] | greedy / sampled generation with a KV cache |
 //! | [`score_texts`], [`score_continuations`] | per-token log-probabilities and perplexity |
 //! | [`train`] | AdamW with weight-decay groups, schedules, clipping, accumulation, checkpoints, metrics log |
+//! | [`machine`] | thread-count bounds and the model-size check against this machine's memory |
 //! | [`output`] | output-path checks against the inputs, staged atomic writes, cleanup on interruption |
 //! | [`recipe`] | the tiny-model recipe (BPE tokenizer + GPT-2 trained from scratch), synthetic corpus |
 //!
@@ -31,6 +32,7 @@ pub mod generation;
 mod gpt2;
 mod layers;
 mod llama;
+pub mod machine;
 mod model;
 pub mod output;
 mod params;

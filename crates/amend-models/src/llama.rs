@@ -174,10 +174,13 @@ impl Llama {
     /// norms), deterministic given `seed`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration; [`Error::Tch`].
+    /// [`Error::Config`] for an invalid configuration; [`Error::ModelTooLarge`] when its parameters
+    /// cannot fit in memory; [`Error::Tch`].
     pub fn new_random(cfg: LlamaConfig, seed: u64, kind: Kind, device: Device) -> Result<Self> {
         cfg.validate()?;
         crate::params::check_float_kind("Llama::new_random", kind)?;
+        let whole = crate::config::ModelConfig::Llama(cfg.clone());
+        crate::machine::check_model_fits(&whole, kind, std::path::Path::new("<in memory>"))?;
         let mut src = RandomWeights::new(seed, kind, device);
         let (parts, params) = build(&cfg, &mut src)?;
         Llama::from_parts(cfg, parts, Core::new(params))

@@ -504,7 +504,8 @@ pub(crate) fn check_lp_finite(
     let broken = row.f_isnan()?.f_any()?.f_logical_or(&row.f_isposinf()?.f_any()?)?;
     let no_finite = row.f_isfinite()?.f_any()?.f_logical_not()?;
     if bool::try_from(broken.f_logical_or(&no_finite)?)? {
-        Err(Error::NonFiniteLogits { op, name: "logits", index, count })
+        let what = crate::error::describe_bad_row(&row)?;
+        Err(Error::NonFiniteLogits { op, name: "logits", index, count, what })
     } else {
         Err(Error::NonFinite {
             op,

@@ -190,12 +190,28 @@ pub(crate) fn as_ids(op: &'static str, name: &'static str, x: &Tensor) -> Result
     }
 }
 
-/// A boolean mask (bool, or an integer dtype read as "non-zero = true").
+/// A boolean mask (bool, or an integer dtype holding only 0 and 1; any other value, such as 2,
+/// is an error rather than a silent "true").
 pub(crate) fn as_mask(op: &'static str, name: &'static str, x: &Tensor) -> Result<Tensor> {
     let kind = x.f_kind()?;
     if kind == Kind::Bool {
         Ok(x.shallow_clone())
     } else if is_integer(kind) {
+        let bad = x.f_ne(0)?.f_logical_and(&x.f_ne(1)?)?;
+        let count = i64::try_from(bad.f_sum(Kind::Int64)?)?;
+        if count > 0 {
+            let first = bad.f_flatten(0, -1)?.f_nonzero()?.f_get(0)?.f_get(0)?;
+            let flat = i64::try_from(&first)?;
+            let value = i64::try_from(x.f_flatten(0, -1)?.f_get(flat)?)?;
+            return Err(Error::InvalidInput {
+                op,
+                name,
+                reason: format!(
+                    "mask entries must be 0 or 1 (or bool); {count} entries are not, the first is {value} at {:?}",
+                    unravel(flat, &x.size())
+                ),
+            });
+        }
         Ok(x.f_ne(0)?)
     } else {
         Err(Error::DtypeMismatch {
@@ -344,7 +360,14 @@ pub(crate) fn check_finite_rows(
     if count > 0 {
         let r = i64::try_from(&bad_row.f_nonzero()?.f_get(0)?.f_get(0)?)?;
         let flat = to_flat(r)?;
-        return Err(Error::NonFiniteLogits { op, name, index: unravel(flat, batch_shape), count });
+        let what = crate::error::describe_bad_row(&x.f_get(r)?)?;
+        return Err(Error::NonFiniteLogits {
+            op,
+            name,
+            index: unravel(flat, batch_shape),
+            count,
+            what,
+        });
     }
     Ok(false)
 }
@@ -438,6 +461,35 @@ pub(crate) fn finish(
         parts: vec![LossPart { name: "tokens", sum, count: count as f64, weight: 1.0 }],
         metrics,
     })
+}
+
+/// Rejects a value of config field `name` that the compute dtype `kind` cannot hold: beyond its
+/// largest finite value, or non-zero but rounding to 0 (f32 for every dtype but f64; configs are
+/// f64, the loss is not).
+pub(crate) fn check_fits_dtype(
+    op: &'static str,
+    name: &'static str,
+    value: f64,
+    kind: Kind,
+) -> Result<()> {
+    if kind == Kind::Double || !value.is_finite() {
+        return Ok(());
+    }
+    let narrowed = value as f32;
+    let reason = if !narrowed.is_finite() {
+        format!(
+            "{value:e} is beyond the range of f32, the dtype this loss computes in (largest {:e}); use a smaller value or f64 inputs",
+            f32::MAX
+        )
+    } else if value != 0.0 && narrowed == 0.0 {
+        format!(
+            "{value:e} rounds to 0 in f32, the dtype this loss computes in (smallest {:e}); use a larger value or f64 inputs",
+            f32::from_bits(1)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidConfig { op, name, reason })
 }
 
 /// Rejects a non-finite or negative `value` of config field `name`.

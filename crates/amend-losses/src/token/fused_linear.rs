@@ -765,6 +765,7 @@ pub fn fused_linear_tnt_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "fused_linear_tnt_loss";
     cfg.validate()?;
+    cfg.check_dtype(OP, compute_kind(OP, "hidden", hidden)?)?;
     let mut problem = Problem::new(OP, hidden, head, Some(reference), labels)?;
     // TokenWeights are [B, T]; with [N, H] hidden states they may be [1, N] or [N, 1].
     let ws = weights.shape();

@@ -9,8 +9,9 @@ use tch::{Kind, Tensor};
 use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
 
 use super::common::{
-    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, plan_weighted, select_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
+    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
+    token_losses,
 };
 use super::kernel::{self, fused, inject, override_rows, threads};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
@@ -50,6 +51,12 @@ impl Default for NlConfig {
 }
 
 impl NlConfig {
+    /// Rejects knobs that the compute dtype `kind` cannot hold (see `check_fits_dtype`).
+    pub(crate) fn check_dtype(&self, op: &'static str, kind: tch::Kind) -> Result<()> {
+        check_fits_dtype(op, "alpha", self.alpha, kind)?;
+        Ok(())
+    }
+
     /// Sets [`NlConfig::alpha`].
     pub fn with_alpha(mut self, alpha: f64) -> Self {
         self.alpha = alpha;
@@ -201,6 +208,7 @@ pub fn nl_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "nl_loss";
     cfg.validate()?;
+    cfg.check_dtype(OP, compute_kind(OP, "logits", logits)?)?;
     let plan = plan_weighted(OP, logits, None, labels, weights)?;
     if kernel::use_kernel(OP, cfg.backend, logits)?
         && let Some(out) = nl_kernel(OP, &plan, logits, weights, cfg)?

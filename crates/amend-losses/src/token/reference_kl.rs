@@ -6,9 +6,9 @@ use tch::{Kind, Tensor};
 use amend_kernels::{KlTarget, TokenKlConfig};
 
 use super::common::{
-    MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
-    check_nonneg_finite, check_reduction, check_shape, compute_kind, count_and_check_ids, finish,
-    token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_fits_dtype,
+    check_logits, check_nonneg_finite, check_reduction, check_shape, compute_kind,
+    count_and_check_ids, finish, token_losses,
 };
 use super::kernel::{self, argmax, fused, inject, row_scale, target_argmax, threads};
 use super::rows::{
@@ -83,6 +83,13 @@ impl Default for RefKlConfig {
 }
 
 impl RefKlConfig {
+    /// Rejects knobs that the compute dtype `kind` cannot hold (see `check_fits_dtype`).
+    pub(crate) fn check_dtype(&self, op: &'static str, kind: tch::Kind) -> Result<()> {
+        check_fits_dtype(op, "smoothing_eps", self.smoothing_eps, kind)?;
+        check_fits_dtype(op, "temperature", self.temperature, kind)?;
+        Ok(())
+    }
+
     /// Sets [`RefKlConfig::direction`].
     pub fn with_direction(mut self, direction: KlDirection) -> Self {
         self.direction = direction;
@@ -256,6 +263,7 @@ pub fn reference_kl_loss(
     const OP: &str = "reference_kl_loss";
     cfg.validate(exclude.is_some())?;
     let (dims, kind) = check_logits(OP, logits)?;
+    cfg.check_dtype(OP, kind)?;
     let device = logits.device();
     check_shape(OP, "ref_logits", ref_logits, &logits.size(), "the shape of logits", device)?;
     compute_kind(OP, "ref_logits", ref_logits)?;

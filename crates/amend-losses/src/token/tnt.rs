@@ -10,8 +10,9 @@ use tch::{Kind, Tensor};
 use amend_kernels::{KlTarget, LogitsIo, TntKernelConfig, TokenKlConfig};
 
 use super::common::{
-    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, plan_weighted, select_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
+    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
+    token_losses,
 };
 use super::kernel::{
     self, argmax, fused, inject, logp_at, restrict_to_support, row_scale, target_argmax, threads,
@@ -150,6 +151,13 @@ impl Default for TntConfig {
 }
 
 impl TntConfig {
+    /// Rejects knobs that the compute dtype `kind` cannot hold (see `check_fits_dtype`).
+    pub(crate) fn check_dtype(&self, op: &'static str, kind: tch::Kind) -> Result<()> {
+        check_fits_dtype(op, "alpha", self.alpha, kind)?;
+        check_fits_dtype(op, "smoothing_eps", self.smoothing_eps, kind)?;
+        Ok(())
+    }
+
     /// The default configuration of `variant`.
     pub fn new(variant: TntVariant) -> Self {
         TntConfig { variant, ..TntConfig::default() }
@@ -414,6 +422,7 @@ pub fn tnt_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "tnt_loss";
     cfg.validate()?;
+    cfg.check_dtype(OP, compute_kind(OP, "logits", logits)?)?;
     let plan = plan_weighted(OP, logits, Some(ref_logits), labels, weights)?;
     if kernel::use_kernel(OP, cfg.backend, logits)?
         && let Some(out) = tnt_kernel(OP, &plan, logits, ref_logits, weights, cfg)?

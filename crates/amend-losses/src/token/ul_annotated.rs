@@ -9,8 +9,9 @@ use tch::{Kind, Tensor};
 use amend_kernels::{TntKernelConfig, TntVariant};
 
 use super::common::{
-    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_nonneg_finite, check_reduction, finish,
-    masked_sum, plan_weighted, select_weighted, token_losses,
+    MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
+    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
+    token_losses,
 };
 use super::kernel::{self, fused, inject, logp_at, threads};
 use super::rows::{CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad};
@@ -44,6 +45,12 @@ impl Default for UlAnnotatedConfig {
 }
 
 impl UlAnnotatedConfig {
+    /// Rejects knobs that the compute dtype `kind` cannot hold (see `check_fits_dtype`).
+    pub(crate) fn check_dtype(&self, op: &'static str, kind: tch::Kind) -> Result<()> {
+        check_fits_dtype(op, "alpha", self.alpha, kind)?;
+        Ok(())
+    }
+
     /// Sets [`UlAnnotatedConfig::alpha`].
     pub fn with_alpha(mut self, alpha: f64) -> Self {
         self.alpha = alpha;
@@ -165,6 +172,7 @@ pub fn ul_annotated_loss(
 ) -> Result<LossOutput> {
     const OP: &str = "ul_annotated_loss";
     cfg.validate()?;
+    cfg.check_dtype(OP, compute_kind(OP, "logits", logits)?)?;
     let plan = plan_weighted(OP, logits, None, labels, weights)?;
     if kernel::use_kernel(OP, cfg.backend, logits)?
         && let Some(out) = ul_annotated_kernel(OP, &plan, logits, weights, cfg)?

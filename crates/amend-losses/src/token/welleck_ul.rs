@@ -11,8 +11,8 @@ use amend_kernels::UnlikelihoodConfig;
 
 use super::common::{
     Dims, MetricSink, NonFinitePolicy, Plan, Prepared, RowSelection, TokenBackend, as_ids, as_mask,
-    check_bt, check_logits, check_nonneg_finite, check_reduction, check_shape, count_and_check_ids,
-    finish, masked_sum, token_losses, unravel,
+    check_bt, check_fits_dtype, check_logits, check_nonneg_finite, check_reduction, check_shape,
+    count_and_check_ids, finish, masked_sum, token_losses, unravel,
 };
 use super::kernel::{self, argmax, fused, inject, logp_at, row_scale, threads};
 use super::nll::nll_metrics;
@@ -69,6 +69,12 @@ impl Default for WelleckUlConfig {
 }
 
 impl WelleckUlConfig {
+    /// Rejects knobs that the compute dtype `kind` cannot hold (see `check_fits_dtype`).
+    pub(crate) fn check_dtype(&self, op: &'static str, kind: tch::Kind) -> Result<()> {
+        check_fits_dtype(op, "alpha", self.alpha, kind)?;
+        Ok(())
+    }
+
     /// Sets [`WelleckUlConfig::alpha`].
     pub fn with_alpha(mut self, alpha: f64) -> Self {
         self.alpha = alpha;
@@ -241,6 +247,7 @@ fn plan(
 ) -> Result<Plan> {
     cfg.validate()?;
     let (dims, kind) = check_logits(op, logits)?;
+    cfg.check_dtype(op, kind)?;
     let device = logits.device();
     check_bt(op, "labels", labels, dims, device)?;
     if let Some(m) = loss_mask {
