@@ -170,6 +170,23 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A text is longer than the model's context (nothing was run; see
+    /// [`scoring`](crate::scoring) for the options that allow it).
+    #[error(
+        "{op}: text {index} has {tokens} tokens, more than the model's context of {context} tokens (`{field}` in config.json); cap the texts (`max_tokens`) or score them in sliding windows (`stride`)"
+    )]
+    TooLong {
+        /// The operation.
+        op: &'static str,
+        /// 0-based index of the text.
+        index: usize,
+        /// Its length in tokens (with the BOS token, when one is added; after a cap).
+        tokens: usize,
+        /// The model's context in tokens.
+        context: usize,
+        /// The config field the context comes from (`n_positions`, `max_position_embeddings`).
+        field: &'static str,
+    },
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shape mismatch: expected {expected:?}, got {got:?}")]
     ShapeMismatch {

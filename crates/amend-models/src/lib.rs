@@ -55,6 +55,7 @@ pub use model::{
 };
 pub use params::{Parameter, Params};
 pub use scoring::{
-    ScoreOptions, TokenScores, corpus_perplexity, score_continuations, score_ids, score_texts,
+    ScoreOptions, TokenScores, context_length, corpus_perplexity, score_continuations, score_ids,
+    score_texts,
 };
 pub use tokenizer::Tokenizer;

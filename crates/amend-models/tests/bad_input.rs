@@ -379,3 +379,130 @@ fn out_of_vocabulary_generation_config_id_is_blamed_on_generation_config() {
     assert_eq!((o.field, o.id), ("bos_token_id", 999));
     assert_eq!(model.generation_config().bos_token_id, None);
 }
+
+// ---- Long inputs (issue 12 point 8) ----
+
+/// A text of about `words` words (the tiny tokenizers give at least one token per word).
+fn long_text(words: usize) -> String {
+    let base = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away"];
+    (0..words).map(|i| base[i % base.len()]).collect::<Vec<_>>().join(" ")
+}
+
+fn ids_of(model: &amend_models::Model, text: &str) -> Vec<u32> {
+    model.tokenizer().unwrap().encode(text, true).unwrap()
+}
+
+#[test]
+fn texts_longer_than_the_context_are_refused_naming_text_length_and_field() {
+    use amend_models::{ScoreOptions, score_texts};
+    for (name, context, field) in
+        [("gpt2", 64, "n_positions"), ("llama", 128, "max_position_embeddings")]
+    {
+        let model = load(model_dir(name), &LoadOptions::default()).unwrap();
+        let long = long_text(200);
+        let n = ids_of(&model, &long).len();
+        assert!(n > context, "{name}: {n} tokens");
+        // The long text is the second one: nothing is scored, even with one text per batch.
+        let opts = ScoreOptions { batch_size: 1, ..Default::default() };
+        let e = score_texts(&model, &["the cat", &long], &opts).unwrap_err();
+        let msg = e.to_string();
+        match e {
+            Error::TooLong { index, tokens, context: c, field: f, .. } => {
+                assert_eq!((index, tokens, c, f), (1, n, context, field), "{name}");
+            }
+            e => panic!("{name}: {e:?}"),
+        }
+        assert!(msg.contains(&format!("text 1 has {n} tokens")), "{msg}");
+        assert!(msg.contains(&format!("context of {context} tokens (`{field}`")), "{msg}");
+        // A text of exactly the context is scored.
+        let ids = ids_of(&model, &long);
+        let s = amend_models::score_ids(&model, &[ids[..context].to_vec()], &[1], 1).unwrap();
+        assert_eq!(s[0].count(), context - 1);
+        assert_eq!(amend_models::context_length(model.config()), (context, field));
+    }
+}
+
+#[test]
+fn max_tokens_keeps_the_first_tokens_and_says_how_many_were_cut() {
+    use amend_models::{ScoreOptions, score_ids, score_texts};
+    let model = load(model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let long = long_text(200);
+    let ids = ids_of(&model, &long);
+    let opts = ScoreOptions { max_tokens: Some(20), ..Default::default() };
+    let s = score_texts(&model, &[&long, "the cat"], &opts).unwrap();
+    assert_eq!(s[0].token_ids, ids[..20]);
+    assert_eq!(s[0].truncated, ids.len() - 20);
+    assert_eq!(s[1].truncated, 0, "short texts are not cut");
+    let direct = score_ids(&model, &[ids[..20].to_vec()], &[1], 1).unwrap();
+    assert_eq!(s[0].logprobs, direct[0].logprobs);
+    // GPT-2 has no position past n_positions: a cap above it does not help a long text.
+    let opts = ScoreOptions { max_tokens: Some(100), ..Default::default() };
+    match score_texts(&model, &[&long], &opts).unwrap_err() {
+        Error::TooLong { tokens: 100, context: 64, field: "n_positions", .. } => {}
+        e => panic!("{e:?}"),
+    }
+    // A RoPE model may be asked to go past its context explicitly.
+    let llama = load(model_dir("llama"), &LoadOptions::default()).unwrap();
+    let opts = ScoreOptions { max_tokens: Some(150), ..Default::default() };
+    let s = score_texts(&llama, &[&long], &opts).unwrap();
+    assert_eq!((s[0].token_ids.len(), s[0].count()), (150, 149));
+    assert!(s[0].logprobs.iter().all(|x| x.is_finite()));
+    let opts = ScoreOptions { max_tokens: Some(0), ..Default::default() };
+    assert!(matches!(
+        score_texts(&model, &["the cat"], &opts).unwrap_err(),
+        Error::InvalidInput { name: "max_tokens", .. }
+    ));
+}
+
+#[test]
+fn stride_scores_every_token_once_in_the_first_window_that_holds_it() {
+    use amend_models::{ScoreOptions, score_ids, score_texts};
+    let model = load(model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let long = long_text(120);
+    let ids = ids_of(&model, &long);
+    let n = ids.len();
+    for (window, stride) in [(64usize, 16usize), (24, 23), (10, 1)] {
+        let opts = ScoreOptions {
+            max_tokens: (window != 64).then_some(window),
+            stride: Some(stride),
+            batch_size: 3,
+            ..Default::default()
+        };
+        let s = score_texts(&model, &[&long, "the cat"], &opts).unwrap();
+        assert_eq!(s[0].token_ids, ids);
+        assert_eq!((s[0].count(), s[0].truncated), (n - 1, 0), "every token after the first");
+        // Token j is scored in the first window k·stride.. that holds it, given the window's
+        // tokens before it.
+        let mut ctx = Vec::new();
+        for j in 1..n {
+            let k = if j < window { 0 } else { (j - window + 1).div_ceil(stride) };
+            ctx.push(ids[k * stride..=j].to_vec());
+        }
+        let starts: Vec<usize> = ctx.iter().map(|c| c.len() - 1).collect();
+        let want: Vec<f32> =
+            score_ids(&model, &ctx, &starts, 16).unwrap().iter().map(|t| t.logprobs[0]).collect();
+        for (j, (a, b)) in s[0].logprobs.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "window {window} stride {stride} token {}: {a} {b}",
+                j + 1
+            );
+        }
+        // A text shorter than the window is scored as without windows (up to batch padding).
+        let plain = score_texts(&model, &["the cat"], &ScoreOptions::default()).unwrap();
+        assert_eq!(s[1].count(), plain[0].count());
+        for (a, b) in s[1].logprobs.iter().zip(&plain[0].logprobs) {
+            assert!((a - b).abs() < 1e-4, "{a} {b}");
+        }
+    }
+    // Bad windows are refused before anything runs.
+    for (max_tokens, stride, name) in
+        [(None, 64, "stride"), (Some(10), 10, "stride"), (Some(65), 8, "max_tokens")]
+    {
+        let opts = ScoreOptions { max_tokens, stride: Some(stride), ..Default::default() };
+        match score_texts(&model, &[&long], &opts).unwrap_err() {
+            Error::InvalidInput { name: got, .. } => assert_eq!(got, name),
+            e => panic!("{e:?}"),
+        }
+    }
+}
