@@ -65,8 +65,28 @@ pub enum Error {
         #[source]
         source: safetensors::SafeTensorError,
     },
+    /// A safetensors file is damaged or not a safetensors file: the header length, the header's
+    /// JSON, or one tensor's entry (dtype, shape, data offsets) is wrong; `problem` says what, in
+    /// words.
+    #[error("{path}: {}{problem}", tensor.as_ref().map(|t| format!("tensor `{t}`: ")).unwrap_or_default())]
+    CorruptSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// The tensor whose header entry is wrong, if one is.
+        tensor: Option<String>,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A path goes through a symbolic link that leads nowhere (a loop, or a missing target).
+    #[error("{path}: {problem}")]
+    BrokenLink {
+        /// The path as given (or the link in it that is broken).
+        path: PathBuf,
+        /// What is wrong, with the chain of links followed.
+        problem: String,
+    },
     /// A safetensors file is shorter or longer than its header says (a truncated download).
-    #[error("{path}: safetensors file has {actual} bytes but its header describes {expected}")]
+    #[error("{path}: {}", length_problem(*expected, *actual))]
     TruncatedFile {
         /// The file.
         path: PathBuf,
@@ -234,6 +254,21 @@ pub enum Error {
         /// The value seen.
         value: f64,
     },
+}
+
+fn length_problem(expected: u64, actual: u64) -> String {
+    if actual < expected {
+        format!(
+            "the file has {actual} bytes but its header describes {expected}: the file is \
+             truncated (an interrupted download or copy?); fetch it again"
+        )
+    } else {
+        format!(
+            "the file has {actual} bytes but its header describes only {expected}: the last {} \
+             bytes belong to no tensor, so the file is damaged or not a safetensors file",
+            actual - expected
+        )
+    }
 }
 
 /// `Result` with [`Error`] as the default error type.

@@ -41,7 +41,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use auto::{Model, load};
-pub use checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+pub use checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_safetensors};
 pub use config::{Gpt2Config, LlamaConfig, LlamaFamily, ModelConfig, RopeScaling, UnknownFields};
 pub use core::AUX_FILES;
 pub use error::{Error, Result};
