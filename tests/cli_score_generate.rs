@@ -214,3 +214,28 @@ fn score_refuses_texts_longer_than_the_context_and_offers_a_cap_or_windows() {
     let err = stderr(&amend(&["score", "--model", d, "--file", f, "--max-tokens", "0"]));
     assert!(err.contains("--max-tokens"), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn corrupt_or_looping_weights_are_described_in_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    std::fs::create_dir(&d).unwrap();
+    for f in std::fs::read_dir(fixture()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+    }
+    let w = d.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let ds = d.to_str().unwrap();
+    let score = || stderr(&amend(&["score", "--model", ds, "--text", "the cat", "--threads", "1"]));
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let err = score();
+    assert!(err.contains(&format!("{}: the file has {} bytes", w.display(), bytes.len() / 2)));
+    std::fs::remove_file(&w).unwrap();
+    std::os::unix::fs::symlink("b", &w).unwrap();
+    std::os::unix::fs::symlink("model.safetensors", d.join("b")).unwrap();
+    let err = score();
+    assert!(err.contains(&format!("{}: it is a loop of symbolic links", w.display())), "{err}");
+    assert!(!err.contains("no model.safetensors"), "{err}");
+}
