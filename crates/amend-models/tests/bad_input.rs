@@ -717,3 +717,39 @@ fn stride_scores_every_token_once_in_the_first_window_that_holds_it() {
         }
     }
 }
+
+#[test]
+fn header_over_the_cap_and_gaps_between_tensors_are_described() {
+    // A header length over safetensors' 100 MB cap in a (sparse) file long enough to hold it.
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&100_000_001u64.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(100_000_100).unwrap();
+    let msg = corrupt_message(d.path(), None);
+    assert!(msg.contains("the header says it is 100000001 bytes long, more than the 100 MB"));
+
+    // A gap: the last tensor moved 4 bytes on (the file grown to match).
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let mut h = header_json(d.path());
+    let (last, end) = h
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), v["data_offsets"][1].as_u64().unwrap()))
+        .max_by_key(|x| x.1)
+        .unwrap();
+    let begin = h[&last]["data_offsets"][0].as_u64().unwrap();
+    h[&last]["data_offsets"] = serde_json::json!([begin + 4, end + 4]);
+    let text = serde_json::to_string(&h).unwrap();
+    rewrite_header(d.path(), |_| text.clone());
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend([0u8; 4]);
+    std::fs::write(&p, &bytes).unwrap();
+    let msg = corrupt_message(d.path(), Some(&last));
+    assert!(
+        msg.contains(&format!("leave bytes {begin}..{} of the data unused", begin + 4)),
+        "{msg}"
+    );
+}
