@@ -341,3 +341,79 @@ fn output_never_over_or_inside_the_input() {
     amend::edit::manifest::write_dir_atomically(&ok, &files, false, Some(&model)).unwrap();
     assert_eq!(std::fs::read(ok.join("a.json")).unwrap(), b"{}");
 }
+
+#[test]
+fn project_scores_long_pairs_with_the_max_len_truncation() {
+    use amend::models::CausalLm;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture();
+    let orig = amend::models::load(&model, &Default::default()).unwrap();
+    // Six pairs whose texts are each longer than the fixture's 64 positions.
+    let long = |s: &str| vec![s; 20].join(" ");
+    let pairs: Vec<(String, String)> = std::fs::read_to_string(example("profs_pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let side = |a: &str, b: &str| long(v[a].as_str().or(v[b].as_str()).unwrap());
+            (side("preferred", "chosen"), side("dispreferred", "rejected"))
+        })
+        .collect();
+    let tok = orig.tokenizer().unwrap();
+    assert!(
+        pairs.iter().all(|(p, d)| tok.encode(p, true).unwrap().len() > 64
+            && tok.encode(d, true).unwrap().len() > 64)
+    );
+    let file = tmp.path().join("long.jsonl");
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(p, d)| serde_json::json!({"preferred": p, "dispreferred": d}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let run = |max_len: &str, out: &Path| {
+        amend(&[
+            "edit",
+            "project",
+            "--model",
+            model.to_str().unwrap(),
+            "--pairs",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--layers",
+            "0..2",
+            "--rank",
+            "2",
+            "--max-len",
+            max_len,
+            "--threads",
+            "1",
+            "--quiet",
+        ])
+    };
+    let out = tmp.path().join("edited");
+    ok(&run("48", &out));
+    let m = json(&out.join("amend_edit_metrics.json"));
+    assert_eq!(m["report"]["truncated_texts"], 12);
+    // The before scores are those of the texts cut to --max-len tokens.
+    let pref: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+    let want = amend::edit::metrics::mean_text_nll(&orig, &pref, 16, Some(48)).unwrap();
+    let got = m["preferred_mean_nll"]["pre"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-5 * want.abs(), "{got} {want}");
+    assert!(m["dispreferred_mean_nll"]["post"].as_f64().unwrap().is_finite());
+
+    // A --max-len above the context is refused with the limit to use, before any edit.
+    let out2 = tmp.path().join("too_long");
+    let r = run("128", &out2);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains(
+            "pair 0 (counting from 0), preferred text: 128 tokens with --max-len 128 are more \
+             than the model's context of 64 tokens (`n_positions` in its config.json); pass \
+             --max-len 64 or less"
+        ),
+        "{err}"
+    );
+    assert!(!out2.exists());
+}

@@ -297,3 +297,36 @@ fn bad_input_fails_with_a_clear_message() {
     fails(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o], "cannot read");
     assert!(inputs.exists(), "the input file survived");
 }
+
+#[test]
+fn corrupt_inputs_file_is_described_in_words() {
+    let dir = Scratch::new("corrupt");
+    let (logits, _, labels, weights) = token_batch();
+    let inputs = dir.path("batch.safetensors");
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("weights", &weights)]);
+    let bytes = std::fs::read(&inputs).unwrap();
+    let out = dir.path("out.safetensors");
+    let (i, o) = (inputs.to_str().unwrap(), out.to_str().unwrap());
+    let fails = |needle: &str| {
+        let r = amend(&["loss", "nl", "--inputs", i, "--out", o]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+        for bare in ["HeaderTooLarge", "HeaderTooSmall", "MetadataIncompleteBuffer"] {
+            assert!(!err.contains(bare), "{err}");
+        }
+        assert!(!out.exists());
+    };
+    let mut big = bytes.clone();
+    big[..8].copy_from_slice(&9_000_000_000_000_000_000u64.to_le_bytes());
+    std::fs::write(&inputs, &big).unwrap();
+    fails(&format!(
+        "{i}: the header says it is 9000000000000000000 bytes long but the file has {} bytes: the \
+         file is truncated or not a safetensors file",
+        bytes.len()
+    ));
+    std::fs::write(&inputs, &bytes[..5]).unwrap();
+    fails(&format!("{i}: the file has only 5 bytes"));
+    std::fs::write(&inputs, &bytes[..bytes.len() - 3]).unwrap();
+    fails(&format!("{i}: the file has {} bytes but its header describes", bytes.len() - 3));
+}

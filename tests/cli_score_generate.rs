@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use amend::models::CausalLm;
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/amend-models/tests/fixtures/models/gpt2")
 }
@@ -146,4 +148,94 @@ fn special_ids_outside_the_vocabulary_warn_and_fail_only_where_used() {
     assert!(!out.status.success());
     assert!(stderr.contains("config.json: `bos_token_id` = 50256 is outside"), "{stderr}");
     assert!(!stderr.contains("tokenizer has"), "{stderr}");
+}
+
+fn long_text(words: usize) -> String {
+    let base = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away"];
+    (0..words).map(|i| base[i % base.len()]).collect::<Vec<_>>().join(" ")
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.is_empty(), "nothing is printed on stdout");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn score_refuses_texts_longer_than_the_context_and_offers_a_cap_or_windows() {
+    let dir = fixture();
+    let d = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("long.txt");
+    std::fs::write(&file, long_text(200)).unwrap();
+    let f = file.to_str().unwrap();
+    let model = amend::models::load(&dir, &Default::default()).unwrap();
+    let n = model.tokenizer().unwrap().encode(&long_text(200), true).unwrap().len();
+
+    let err = stderr(&amend(&["score", "--model", d, "--file", f, "--threads", "1"]));
+    let want = format!(
+        "the text of {f} has {n} tokens, more than the model's context of 64 tokens \
+         (`n_positions` in {}); nothing was scored: pass --max-tokens N",
+        dir.join("config.json").display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("--stride S to score all of it in overlapping windows of 64"), "{err}");
+
+    // With --lines the message names the line.
+    std::fs::write(&file, format!("the cat\n\n{}\n", long_text(200))).unwrap();
+    let err = stderr(&amend(&["score", "--model", d, "--file", f, "--lines", "--threads", "1"]));
+    assert!(err.contains(&format!("line 3 of {f} has {n} tokens")), "{err}");
+    let err = stderr(&amend(&["score", "--model", d, "--text", "a", "--text", &long_text(200)]));
+    assert!(err.contains(&format!("--text number 2 has {n} tokens")), "{err}");
+
+    // --max-tokens: the first N tokens; the JSON says how many were cut.
+    std::fs::write(&file, long_text(200)).unwrap();
+    let v = json(&amend(&["score", "--model", d, "--file", f, "--max-tokens", "20", "--json"]));
+    assert_eq!(v["texts"][0]["num_scored"], 19);
+    assert_eq!(v["texts"][0]["truncated_tokens"].as_u64().unwrap() as usize, n - 20);
+    let out = amend(&["score", "--model", d, "--file", f, "--max-tokens", "20"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("text 1: 20 tokens (the last {} cut by --max-tokens)", n - 20)));
+    let err = stderr(&amend(&["score", "--model", d, "--file", f, "--max-tokens", "100"]));
+    assert!(err.contains("give a --max-tokens of at most 64"), "{err}");
+
+    // --stride: every token scored, as the library does it.
+    let v = json(&amend(&["score", "--model", d, "--file", f, "--stride", "16", "--json"]));
+    let opts = amend::models::ScoreOptions { stride: Some(16), ..Default::default() };
+    let s = amend::models::score_texts(&model, &[&long_text(200)], &opts).unwrap();
+    assert_eq!(v["texts"][0]["num_scored"].as_u64().unwrap() as usize, n - 1);
+    let ppl = v["texts"][0]["perplexity"].as_f64().unwrap();
+    assert!((ppl - s[0].perplexity()).abs() < 1e-6 * ppl, "{ppl} {}", s[0].perplexity());
+    let err = stderr(&amend(&["score", "--model", d, "--file", f, "--stride", "64"]));
+    assert!(
+        err.contains("--stride: must be at least 1 and smaller than the window of 64"),
+        "{err}"
+    );
+    let err = stderr(&amend(&["score", "--model", d, "--file", f, "--max-tokens", "0"]));
+    assert!(err.contains("--max-tokens"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn corrupt_or_looping_weights_are_described_in_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    std::fs::create_dir(&d).unwrap();
+    for f in std::fs::read_dir(fixture()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+    }
+    let w = d.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let ds = d.to_str().unwrap();
+    let score = || stderr(&amend(&["score", "--model", ds, "--text", "the cat", "--threads", "1"]));
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let err = score();
+    assert!(err.contains(&format!("{}: the file has {} bytes", w.display(), bytes.len() / 2)));
+    std::fs::remove_file(&w).unwrap();
+    std::os::unix::fs::symlink("b", &w).unwrap();
+    std::os::unix::fs::symlink("model.safetensors", d.join("b")).unwrap();
+    let err = score();
+    assert!(err.contains(&format!("{}: it is a loop of symbolic links", w.display())), "{err}");
+    assert!(!err.contains("no model.safetensors"), "{err}");
 }

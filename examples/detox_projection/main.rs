@@ -236,8 +236,8 @@ fn measure(
         suppressed_own: frac(own, own_n),
         accuracy: frac(correct, prompts.len()),
         nll_suppressed: if nll_n == 0 { f64::NAN } else { nll / nll_n as f64 },
-        nll_preferred: mean_text_nll(model, &preferred, 64)?,
-        nll_dispreferred: mean_text_nll(model, &dispreferred, 64)?,
+        nll_preferred: mean_text_nll(model, &preferred, 64, None)?,
+        nll_dispreferred: mean_text_nll(model, &dispreferred, 64, None)?,
     })
 }
 

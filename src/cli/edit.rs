@@ -488,7 +488,26 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
     let pref: Vec<&str> = used.iter().map(|p| p.preferred.as_str()).collect();
     let disp: Vec<&str> = used.iter().map(|p| p.dispreferred.as_str()).collect();
     let nll = |m: &Model| -> Result<(f64, f64)> {
-        Ok((mean_text_nll(m, &pref, 16)?, mean_text_nll(m, &disp, 16)?))
+        // Truncated as the edit truncates them (--max-len), so that long pairs can be edited.
+        let cap = Some(cfg.max_len);
+        let side = |texts: &[&str], side: &str| -> Result<f64> {
+            match mean_text_nll(m, texts, 16, cap) {
+                Err(amend::edit::Error::Model(amend::models::Error::TooLong {
+                    index,
+                    tokens,
+                    context,
+                    field,
+                    ..
+                })) => bail!(
+                    "pair {index} (counting from 0), {side} text: {tokens} tokens with --max-len {} are more than \
+                     the model's context of {context} tokens (`{field}` in its config.json); \
+                     pass --max-len {context} or less",
+                    cfg.max_len
+                ),
+                r => Ok(r?),
+            }
+        };
+        Ok((side(&pref, "preferred")?, side(&disp, "dispreferred")?))
     };
     model.set_training(false);
     let before = nll(&model)?;

@@ -305,7 +305,7 @@ struct Inputs {
 
 impl Inputs {
     fn read(spec: &'static Spec, path: &Path) -> Result<Inputs> {
-        let list = Tensor::read_safetensors(path)
+        let list = amend::models::read_safetensors(path)
             .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
         let tensors: BTreeMap<String, Tensor> = list.into_iter().collect();
         let known: Vec<&str> = spec.inputs.iter().map(|i| i.name).collect();

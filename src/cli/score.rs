@@ -15,6 +15,13 @@ use amend::models::{CausalLm, LoadOptions, ScoreOptions, TokenScores, UnknownFie
 /// first word after <|endoftext|>. Prints one line per token (position, token, log-prob) and a
 /// summary per text, or everything as JSON with --json.
 ///
+/// A text longer than the model's context (config.json `n_positions` for GPT-2,
+/// `max_position_embeddings` for Llama-family models) is refused before anything runs, naming the
+/// text, its length and the context. Choose what to do with long texts: --max-tokens N scores only
+/// the first N tokens of each text; --stride S scores all of it in overlapping windows of the
+/// context (or of --max-tokens) tokens that move by S tokens, each token given at least
+/// window − S tokens of context. A progress bar is drawn on stderr when it is a terminal.
+///
 /// Example: amend score --model ./gpt2 --text "The cat sat on the mat." --prepend-bos
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
@@ -42,9 +49,17 @@ pub struct ScoreArgs {
     /// Parameter dtype: f32, bf16, f16 or f64.
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
-    /// Texts per forward pass.
+    /// Texts (or windows) per forward pass.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub batch_size: usize,
+    /// Score only the first N tokens of each longer text (with --stride: the window length).
+    /// Above the context it is refused for GPT-2 and extrapolates for RoPE models.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: Option<u64>,
+    /// Score long texts whole, in windows of the context (or --max-tokens) moved by S tokens
+    /// (S < window; smaller S: more context per token, more work).
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub stride: Option<u64>,
     /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
     #[arg(long, value_name = "N", value_parser = super::threads_arg)]
     pub threads: Option<i32>,
@@ -60,17 +75,28 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     }
     let kind =
         parse_kind(&args.dtype).with_context(|| format!("unknown --dtype `{}`", args.dtype))?;
-    let texts: Vec<String> = match &args.file {
+    // The texts, and how to name each in messages.
+    let (texts, names): (Vec<String>, Vec<String>) = match &args.file {
         Some(f) => {
             let s = std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?;
             if args.lines {
-                s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+                s.lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                    .map(|(n, l)| (l.to_string(), format!("line {} of {}", n + 1, f.display())))
+                    .unzip()
             } else {
-                vec![s]
+                (vec![s], vec![format!("the text of {}", f.display())])
             }
         }
-        None => args.text.clone(),
+        None => {
+            let n = args.text.len();
+            let names = (1..=n)
+                .map(|i| if n == 1 { "--text".into() } else { format!("--text number {i}") })
+                .collect();
+            (args.text.clone(), names)
+        }
     };
     if texts.is_empty() {
         bail!("nothing to score");
@@ -87,13 +113,42 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let model = amend::models::load(&args.model, &opts)
         .with_context(|| format!("cannot load a model from {}", args.model.display()))?;
     let tok = model.tokenizer().context("the model directory has no tokenizer.json")?;
+    let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     let sopts = ScoreOptions {
         add_special_tokens: !args.no_special_tokens,
         prepend_bos: args.prepend_bos,
         batch_size: args.batch_size.max(1),
+        max_tokens: args.max_tokens.map(to_usize),
+        stride: args.stride.map(to_usize),
+        progress: true,
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let scores = amend::models::score_texts(&model, &refs, &sopts)?;
+    let scores = match amend::models::score_texts(&model, &refs, &sopts) {
+        Ok(s) => s,
+        Err(amend::models::Error::TooLong { index, tokens, context, field, .. }) => {
+            let config = args.model.join("config.json");
+            let what = &names[index];
+            let fix = if args.max_tokens.is_some_and(|n| n > context as u64) {
+                format!("give a --max-tokens of at most {context}")
+            } else {
+                format!(
+                    "pass --max-tokens N to score only the first N tokens of each text, or \
+                     --stride S to score all of it in overlapping windows of {context} tokens"
+                )
+            };
+            bail!(
+                "{what} has {tokens} tokens, more than the model's context of {context} tokens \
+                 (`{field}` in {}); nothing was scored: {fix}",
+                config.display()
+            );
+        }
+        Err(amend::models::Error::InvalidInput {
+            name: name @ ("stride" | "max_tokens"),
+            reason,
+            ..
+        }) => bail!("--{}: {reason}", name.replace('_', "-")),
+        Err(e) => return Err(e.into()),
+    };
     let overall = amend::models::corpus_perplexity(&scores);
     let total: usize = scores.iter().map(TokenScores::count).sum();
     let piece = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
@@ -114,6 +169,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
                 json!({
                     "text": text,
                     "tokens": tokens,
+                    "truncated_tokens": s.truncated,
                     "num_scored": s.count(),
                     "sum_logprob": s.sum_logprob(),
                     "mean_nll": s.mean_nll(),
@@ -131,7 +187,13 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     }
     let mut out = String::new();
     for (n, s) in scores.iter().enumerate() {
-        out += &format!("text {}: {} tokens, {} scored\n", n + 1, s.token_ids.len(), s.count());
+        let cut = if s.truncated > 0 {
+            format!(" (the last {} cut by --max-tokens)", s.truncated)
+        } else {
+            String::new()
+        };
+        out +=
+            &format!("text {}: {} tokens{cut}, {} scored\n", n + 1, s.token_ids.len(), s.count());
         for (i, &id) in s.token_ids.iter().enumerate() {
             let shown = format!("{:?}", piece(id));
             out += &match i.checked_sub(s.first_scored) {

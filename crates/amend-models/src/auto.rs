@@ -42,7 +42,8 @@ pub enum Model {
 pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Model> {
     let dir = dir.as_ref();
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| crate::checkpoint::io_error(&config_path, e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|source| Error::Json { path: config_path.clone(), source })?;
     // Only the model_type matters here; the adapter re-reads and checks the whole file.

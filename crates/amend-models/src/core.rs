@@ -115,9 +115,10 @@ pub(crate) struct OpenedDir {
 /// Reads `config.json` and the safetensors headers of `dir`.
 pub(crate) fn open_dir(dir: &Path, opts: &LoadOptions) -> Result<OpenedDir> {
     check_float_kind("load", opts.kind)?;
-    let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| crate::checkpoint::io_error(dir, e))?;
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| crate::checkpoint::io_error(&config_path, e))?;
     let raw_config: Value = serde_json::from_str(&text)
         .map_err(|source| Error::Json { path: config_path.clone(), source })?;
     let config = ModelConfig::from_hf_json(&raw_config, &config_path, opts.unknown_config_fields)?;

@@ -65,8 +65,28 @@ pub enum Error {
         #[source]
         source: safetensors::SafeTensorError,
     },
+    /// A safetensors file is damaged or not a safetensors file: the header length, the header's
+    /// JSON, or one tensor's entry (dtype, shape, data offsets) is wrong; `problem` says what, in
+    /// words.
+    #[error("{path}: {}{problem}", tensor.as_ref().map(|t| format!("tensor `{t}`: ")).unwrap_or_default())]
+    CorruptSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// The tensor whose header entry is wrong, if one is.
+        tensor: Option<String>,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A path goes through a symbolic link that leads nowhere (a loop, or a missing target).
+    #[error("{path}: {problem}")]
+    BrokenLink {
+        /// The path as given (or the link in it that is broken).
+        path: PathBuf,
+        /// What is wrong, with the chain of links followed.
+        problem: String,
+    },
     /// A safetensors file is shorter or longer than its header says (a truncated download).
-    #[error("{path}: safetensors file has {actual} bytes but its header describes {expected}")]
+    #[error("{path}: {}", length_problem(*expected, *actual))]
     TruncatedFile {
         /// The file.
         path: PathBuf,
@@ -170,6 +190,23 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A text is longer than the model's context (nothing was run; see
+    /// [`scoring`](crate::scoring) for the options that allow it).
+    #[error(
+        "{op}: text {index} has {tokens} tokens, more than the model's context of {context} tokens (`{field}` in config.json); cap the texts (`max_tokens`) or score them in sliding windows (`stride`)"
+    )]
+    TooLong {
+        /// The operation.
+        op: &'static str,
+        /// 0-based index of the text.
+        index: usize,
+        /// Its length in tokens (with the BOS token, when one is added; after a cap).
+        tokens: usize,
+        /// The model's context in tokens.
+        context: usize,
+        /// The config field the context comes from (`n_positions`, `max_position_embeddings`).
+        field: &'static str,
+    },
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shape mismatch: expected {expected:?}, got {got:?}")]
     ShapeMismatch {
@@ -250,6 +287,21 @@ pub enum Error {
         /// The value seen.
         value: f64,
     },
+}
+
+fn length_problem(expected: u64, actual: u64) -> String {
+    if actual < expected {
+        format!(
+            "the file has {actual} bytes but its header describes {expected}: the file is \
+             truncated (an interrupted download or copy?); fetch it again"
+        )
+    } else {
+        format!(
+            "the file has {actual} bytes but its header describes only {expected}: the last {} \
+             bytes belong to no tensor, so the file is damaged or not a safetensors file",
+            actual - expected
+        )
+    }
 }
 
 /// `Result` with [`Error`] as the default error type.

@@ -43,7 +43,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use auto::{Model, load};
-pub use checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+pub use checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_safetensors};
 pub use config::{Gpt2Config, LlamaConfig, LlamaFamily, ModelConfig, RopeScaling, UnknownFields};
 pub use core::AUX_FILES;
 pub use error::{Error, Result};
@@ -57,6 +57,7 @@ pub use model::{
 };
 pub use params::{Parameter, Params};
 pub use scoring::{
-    ScoreOptions, TokenScores, corpus_perplexity, score_continuations, score_ids, score_texts,
+    ScoreOptions, TokenScores, context_length, corpus_perplexity, score_continuations, score_ids,
+    score_texts,
 };
 pub use tokenizer::Tokenizer;

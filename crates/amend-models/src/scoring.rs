@@ -8,10 +8,36 @@
 //! The first token of a sequence has no prediction; models whose tokenizer adds a BOS token
 //! (Llama, the tiny recipe) therefore score every text token, and for GPT-2 `prepend_bos` scores
 //! the first word after `<|endoftext|>`.
+//!
+//! # Long texts
+//!
+//! [`score_texts`] never feeds the model more tokens than its context (`n_positions` for GPT-2,
+//! `max_position_embeddings` for the Llama family, see [`context_length`]) unless asked to: a
+//! longer text is refused with [`Error::TooLong`] before any forward pass. GPT-2 has no position
+//! embedding past its context; RoPE models would run, but extrapolate silently (and attention is
+//! quadratic in the length). Two options lift the refusal:
+//!
+//! * [`ScoreOptions::max_tokens`] alone keeps the first `N` tokens of each text (after the BOS
+//!   token, when one is added) and records how many were dropped ([`TokenScores::truncated`]);
+//!   above the context it is an explicit choice to extrapolate (refused for GPT-2);
+//! * [`ScoreOptions::stride`] scores every token of the text in overlapping windows of
+//!   `max_tokens` (default: the context) tokens, moving by `stride` tokens, as in transformers'
+//!   perplexity guide:
+//!
+//! ```text
+//! for begin in 0, stride, 2·stride, …:   end = min(begin + window, n)
+//!     tokens prev_end..end are scored (those before are context only); prev_end = end
+//! ```
+//!
+//! Every token after the first is scored exactly once, with at least `window − stride` tokens
+//! of context (all tokens before it while it is in the first window); `stride < window` is
+//! required so that none is left without context.
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::config::ModelConfig;
 use crate::model::{CausalLm, ForwardOptions};
 use crate::tokenizer::{PaddingSide, pad_batch};
 use crate::{Error, Result};
@@ -25,13 +51,37 @@ pub struct ScoreOptions {
     /// Put the BOS id (or the first end-of-sequence id) before each text that does not start
     /// with it, so its first token is scored too.
     pub prepend_bos: bool,
-    /// Sequences per forward pass.
+    /// Sequences (texts or windows) per forward pass.
     pub batch_size: usize,
+    /// Without [`stride`](Self::stride): keep the first `N` tokens of each longer text (see the
+    /// [module docs](self)). With it: the window length (default: the model's context).
+    pub max_tokens: Option<usize>,
+    /// Score long texts whole in overlapping windows moved by this many tokens (`0 < stride <
+    /// window`).
+    pub stride: Option<usize>,
+    /// Draw a progress bar (scored tokens) on stderr when it is a terminal.
+    pub progress: bool,
 }
 
 impl Default for ScoreOptions {
     fn default() -> Self {
-        ScoreOptions { add_special_tokens: true, prepend_bos: false, batch_size: 8 }
+        ScoreOptions {
+            add_special_tokens: true,
+            prepend_bos: false,
+            batch_size: 8,
+            max_tokens: None,
+            stride: None,
+            progress: false,
+        }
+    }
+}
+
+/// The model's context in tokens and the `config.json` field it comes from: `n_positions` for
+/// GPT-2, `max_position_embeddings` for the Llama family.
+pub fn context_length(config: &ModelConfig) -> (usize, &'static str) {
+    match config {
+        ModelConfig::Gpt2(c) => (c.n_positions, "n_positions"),
+        ModelConfig::Llama(c) => (c.max_position_embeddings, "max_position_embeddings"),
     }
 }
 
@@ -42,8 +92,13 @@ pub struct TokenScores {
     pub token_ids: Vec<u32>,
     /// Index of the first scored token (≥ 1).
     pub first_scored: usize,
-    /// `logprobs[i] = log p(token_ids[first_scored + i] | token_ids[..first_scored + i])`.
+    /// `logprobs[i] = log p(token_ids[first_scored + i] | token_ids[..first_scored + i])` (in
+    /// sliding windows, given the tokens of the window before it).
     pub logprobs: Vec<f32>,
+    /// Tokens dropped from the end of the text by [`ScoreOptions::max_tokens`] (not in
+    /// `token_ids`).
+    #[serde(default)]
+    pub truncated: usize,
 }
 
 impl TokenScores {
@@ -101,6 +156,17 @@ pub fn score_ids<M: CausalLm + ?Sized>(
     if batch_size == 0 {
         return Err(Error::invalid("score_ids", "batch_size", "must be positive"));
     }
+    score_batches(model, seqs, first_scored, batch_size, None)
+}
+
+/// [`score_ids`] without the argument checks, advancing `progress` by the tokens of each batch.
+fn score_batches<M: CausalLm + ?Sized>(
+    model: &M,
+    seqs: &[Vec<u32>],
+    first_scored: &[usize],
+    batch_size: usize,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<TokenScores>> {
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let pad = model.tokenizer().map_or(0, |t| t.pad_token_id());
@@ -116,6 +182,9 @@ pub fn score_ids<M: CausalLm + ?Sized>(
             )?
             .logits
             .ok_or_else(|| Error::invalid("score_ids", "logits", "adapter returned no logits"))?;
+        if let Some(pb) = progress {
+            pb.inc(chunk.iter().map(|s| s.len() as u64).sum());
+        }
         let t = logits.size()[1];
         if t < 2 {
             for (s, &f) in chunk.iter().zip(starts) {
@@ -123,6 +192,7 @@ pub fn score_ids<M: CausalLm + ?Sized>(
                     token_ids: s.clone(),
                     first_scored: f.max(1).min(s.len()),
                     logprobs: vec![],
+                    truncated: 0,
                 });
             }
             continue;
@@ -137,7 +207,12 @@ pub fn score_ids<M: CausalLm + ?Sized>(
         for (row, (s, &f)) in chunk.iter().zip(starts).enumerate() {
             let first = f.max(1).min(s.len());
             let lps = (first..s.len()).map(|j| flat[row * cols + j - 1]).collect();
-            out.push(TokenScores { token_ids: s.clone(), first_scored: first, logprobs: lps });
+            out.push(TokenScores {
+                token_ids: s.clone(),
+                first_scored: first,
+                logprobs: lps,
+                truncated: 0,
+            });
         }
     }
     Ok(out)
@@ -152,6 +227,10 @@ fn bos_of<M: CausalLm + ?Sized>(model: &M, op: &'static str) -> Result<Option<u3
 
 /// Scores texts: log-probabilities of every token after the first.
 ///
+/// A text longer than the model's context is refused before any forward pass unless
+/// `opts.max_tokens` (truncation) or `opts.stride` (sliding windows) says what to do with it; see
+/// the [module docs](self).
+///
 /// ```
 /// use amend_models::{load, score_texts, LoadOptions, ScoreOptions};
 /// # let dir = "tests/fixtures/models/gpt2"; // a tiny random GPT-2
@@ -163,15 +242,59 @@ fn bos_of<M: CausalLm + ?Sized>(model: &M, op: &'static str) -> Result<Option<u3
 /// ```
 ///
 /// # Errors
-/// [`Error::NoTokenizer`]; [`Error::InvalidInput`] for a text with no tokens; as [`score_ids`].
+/// [`Error::NoTokenizer`]; [`Error::TooLong`] for a text longer than the context (with neither
+/// option, or with a `max_tokens` above GPT-2's `n_positions`); [`Error::InvalidInput`] for a
+/// text with no tokens, `batch_size`/`max_tokens` 0, a `stride` not below the window, or a
+/// window above GPT-2's `n_positions`; as [`score_ids`].
 pub fn score_texts<M: CausalLm + ?Sized>(
     model: &M,
     texts: &[&str],
     opts: &ScoreOptions,
 ) -> Result<Vec<TokenScores>> {
-    let tok = model.tokenizer().ok_or(Error::NoTokenizer { op: "score_texts" })?;
+    const OP: &str = "score_texts";
+    let tok = model.tokenizer().ok_or(Error::NoTokenizer { op: OP })?;
+    if opts.batch_size == 0 {
+        return Err(Error::invalid(OP, "batch_size", "must be positive"));
+    }
+    if opts.max_tokens == Some(0) {
+        return Err(Error::invalid(OP, "max_tokens", "must be positive"));
+    }
+    let (context, field) = context_length(model.config());
+    // GPT-2 has no position embedding past its context; RoPE models can be asked to go beyond.
+    let hard_limit = model.config().max_positions();
+    let window = match opts.stride {
+        None => None,
+        Some(stride) => {
+            let window = opts.max_tokens.unwrap_or(context);
+            if let Some(limit) = hard_limit
+                && window > limit
+            {
+                return Err(Error::invalid(
+                    OP,
+                    "max_tokens",
+                    format!(
+                        "a window of {window} tokens is longer than the model's context of \
+                         {limit} tokens (`{field}`)"
+                    ),
+                ));
+            }
+            if stride == 0 || stride >= window {
+                return Err(Error::invalid(
+                    OP,
+                    "stride",
+                    format!(
+                        "must be at least 1 and smaller than the window of {window} tokens, so \
+                         that every token keeps some context (got {stride})"
+                    ),
+                ));
+            }
+            Some((window, stride))
+        }
+    };
     let bos = if opts.prepend_bos { bos_of(model, "prepend_bos")? } else { None };
+    // Tokenise and check every text before any forward pass.
     let mut seqs = Vec::with_capacity(texts.len());
+    let mut truncated = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let mut ids = tok.encode(text, opts.add_special_tokens)?;
         if let Some(b) = bos
@@ -180,12 +303,93 @@ pub fn score_texts<M: CausalLm + ?Sized>(
             ids.insert(0, b);
         }
         if ids.is_empty() {
-            return Err(Error::invalid("score_texts", "texts", format!("text {i} has no tokens")));
+            return Err(Error::invalid(OP, "texts", format!("text {i} has no tokens")));
+        }
+        let mut dropped = 0;
+        if window.is_none() {
+            if let Some(n) = opts.max_tokens
+                && ids.len() > n
+            {
+                dropped = ids.len() - n;
+                ids.truncate(n);
+            }
+            let allowed = match opts.max_tokens {
+                Some(n) => hard_limit.map_or(n, |l| l.min(n)),
+                None => context,
+            };
+            if ids.len() > allowed {
+                return Err(Error::TooLong { op: OP, index: i, tokens: ids.len(), context, field });
+            }
         }
         seqs.push(ids);
+        truncated.push(dropped);
     }
-    let starts = vec![1; seqs.len()];
-    score_ids(model, &seqs, &starts, opts.batch_size)
+    // The pieces fed to the model: whole texts, or windows (text, first scored, range).
+    let mut pieces: Vec<Vec<u32>> = Vec::new();
+    let mut starts: Vec<usize> = Vec::new();
+    let mut owner: Vec<usize> = Vec::new();
+    for (i, ids) in seqs.iter().enumerate() {
+        match window {
+            None => {
+                pieces.push(ids.clone());
+                starts.push(1);
+                owner.push(i);
+            }
+            Some((w, stride)) => {
+                for (begin, end, first) in windows(ids.len(), w, stride) {
+                    pieces.push(ids[begin..end].to_vec());
+                    starts.push(first);
+                    owner.push(i);
+                }
+            }
+        }
+    }
+    let pb = opts.progress.then(|| {
+        let total = pieces.iter().map(|p| p.len() as u64).sum();
+        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "scoring {bar:30} {pos}/{len} tokens [{elapsed}, {eta} left]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let scored = score_batches(model, &pieces, &starts, opts.batch_size, pb.as_ref());
+    if let Some(pb) = &pb {
+        pb.finish_and_clear();
+    }
+    let mut out: Vec<TokenScores> = seqs
+        .into_iter()
+        .zip(truncated)
+        .map(|(ids, truncated)| TokenScores {
+            first_scored: 1,
+            token_ids: ids,
+            logprobs: Vec::new(),
+            truncated,
+        })
+        .collect();
+    for (piece, i) in scored?.into_iter().zip(owner) {
+        out[i].logprobs.extend(piece.logprobs);
+    }
+    Ok(out)
+}
+
+/// The windows `(begin, end, first_scored)` (`first_scored` relative to `begin`) of a sliding
+/// window of `window` tokens moved by `stride < window` over `n` tokens: every token from 1 on is
+/// scored by exactly one window.
+fn windows(n: usize, window: usize, stride: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let (mut begin, mut prev_end) = (0usize, 0usize);
+    loop {
+        let end = (begin + window).min(n);
+        out.push((begin, end, (prev_end - begin).max(1)));
+        if end == n {
+            return out;
+        }
+        prev_end = end;
+        begin += stride;
+    }
 }
 
 /// Scores `continuation` given `prompt` for each pair: the prompt is tokenised with special

@@ -127,11 +127,224 @@ fn truncated_safetensors_is_detected_before_reading() {
         }
         e => panic!("{e:?}"),
     }
-    // A file cut inside the header too.
+    let msg = load_err(d.path()).to_string();
+    assert!(
+        msg.contains(&format!(
+            "model.safetensors: the file has {} bytes but its header describes {}: the file is \
+             truncated",
+            bytes.len() / 2,
+            bytes.len()
+        )),
+        "{msg}"
+    );
+    // Bytes after the last tensor (safetensors' MetadataIncompleteBuffer).
+    let mut longer = bytes.clone();
+    longer.extend([0u8; 5]);
+    std::fs::write(&p, &longer).unwrap();
+    let msg = load_err(d.path()).to_string();
+    assert!(msg.contains("the last 5 bytes belong to no tensor"), "{msg}");
+    // A file cut inside the header (HeaderTooLarge) or inside the header length (HeaderTooSmall).
     std::fs::write(&p, &bytes[..20]).unwrap();
-    assert!(matches!(load_err(d.path()), Error::TruncatedFile { .. }));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let msg = corrupt_message(d.path(), None);
+    assert!(
+        msg.ends_with(&format!(
+            "model.safetensors: the header says it is {n} bytes long but the file has 20 bytes: \
+             the file is truncated or not a safetensors file"
+        )),
+        "{msg}"
+    );
     std::fs::write(&p, &bytes[..3]).unwrap();
-    assert!(matches!(load_err(d.path()), Error::TruncatedFile { .. }));
+    let msg = corrupt_message(d.path(), None);
+    assert!(msg.contains("model.safetensors: the file has only 3 bytes, fewer than the 8-byte"));
+}
+
+/// The message of the [`Error::CorruptSafetensors`] that loading `dir` gives, checking the file
+/// and tensor it names; never a bare safetensors enum name.
+fn corrupt_message(dir: &Path, tensor: Option<&str>) -> String {
+    let e = load_err(dir);
+    let msg = e.to_string();
+    match &e {
+        Error::CorruptSafetensors { path, tensor: t, .. } => {
+            assert!(path.ends_with("model.safetensors"), "{path:?}");
+            assert_eq!(t.as_deref(), tensor, "{msg}");
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(msg.starts_with(&dir.join("model.safetensors").display().to_string()), "{msg}");
+    for bare in ["HeaderTooLarge", "HeaderTooSmall", "MetadataIncompleteBuffer", "invalid JSON"] {
+        assert!(!msg.contains(bare), "{msg}");
+    }
+    msg
+}
+
+/// Replaces the header of `dir/model.safetensors` by `edit` of its JSON text, keeping the data.
+fn rewrite_header(dir: &Path, edit: impl FnOnce(&str) -> String) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = edit(std::str::from_utf8(&bytes[8..8 + n]).unwrap());
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(&p, out).unwrap();
+}
+
+fn header_json(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+}
+
+#[test]
+fn corrupt_headers_say_what_is_wrong_in_words() {
+    let src = copy_to_temp(&model_dir("gpt2"));
+    let header = header_json(src.path());
+    let (name, first) = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .min_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    let end = first["data_offsets"][1].as_u64().unwrap();
+    let fresh = || {
+        let d = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(src.path()).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), d.path().join(f.file_name())).unwrap();
+        }
+        d
+    };
+
+    // A header length of 9e18 (HeaderTooLarge).
+    let d = fresh();
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&9_000_000_000_000_000_000u64.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let msg = corrupt_message(d.path(), None);
+    assert!(
+        msg.contains(&format!(
+            "the header says it is 9000000000000000000 bytes long but the file has {} bytes",
+            bytes.len()
+        )),
+        "{msg}"
+    );
+
+    // Valid JSON, bad offsets: the tensor is named and the numbers given.
+    let d = fresh();
+    rewrite_header(d.path(), |h| {
+        h.replacen(&format!("\"data_offsets\":[0,{end}]"), &format!("[0,{}]", end - 4), 1).replacen(
+            "[0,",
+            "\"data_offsets\":[0,",
+            1,
+        )
+    });
+    let msg = corrupt_message(d.path(), Some(&name));
+    assert!(
+        msg.contains(&format!(
+            "tensor `{name}`: its data_offsets [0, {}] hold {} bytes",
+            end - 4,
+            end - 4
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains(&format!("needs {end}")), "{msg}");
+
+    // Overlapping offsets.
+    let d = fresh();
+    let mut h = header.clone();
+    let (other, _) = h
+        .iter()
+        .find(|(k, v)| *k != "__metadata__" && v["data_offsets"][0].as_u64() == Some(end))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    let o = h.get_mut(&other).unwrap();
+    let len = o["data_offsets"][1].as_u64().unwrap() - end;
+    o["data_offsets"] = serde_json::json!([end - 4, end - 4 + len]);
+    let text = serde_json::to_string(&h).unwrap();
+    rewrite_header(d.path(), |_| text.clone());
+    let msg = corrupt_message(d.path(), Some(&other));
+    assert!(
+        msg.contains(&format!("overlap those of tensor `{name}`, which end at {end}")),
+        "{msg}"
+    );
+
+    // A duplicate key in an otherwise valid JSON header.
+    let d = fresh();
+    let entry = serde_json::to_string(&first).unwrap();
+    rewrite_header(d.path(), |h| format!("{{\"{name}\":{entry},{}", &h[1..]));
+    let msg = corrupt_message(d.path(), Some(&name));
+    assert!(msg.contains("it is listed more than once in the header"), "{msg}");
+
+    // An unknown dtype, and a header that is not JSON.
+    let d = fresh();
+    let dtype = first["dtype"].as_str().unwrap().to_string();
+    rewrite_header(d.path(), |h| h.replacen(&format!("\"{dtype}\""), "\"F99\"", 1));
+    let msg = corrupt_message(
+        d.path(),
+        Some(
+            &header
+                .iter()
+                .find(|(k, v)| *k != "__metadata__" && v["dtype"] == dtype.as_str())
+                .map(|(k, _)| k.clone())
+                .unwrap_or_default(),
+        ),
+    );
+    assert!(msg.contains("unknown dtype `F99`"), "{msg}");
+    let d = fresh();
+    rewrite_header(d.path(), |h| h.replacen('{', "[", 1));
+    let msg = corrupt_message(d.path(), None);
+    assert!(msg.contains("header is not a JSON object"), "{msg}");
+}
+
+#[cfg(unix)]
+#[test]
+fn symbolic_link_loops_are_named_as_loops() {
+    use std::os::unix::fs::symlink;
+    // model.safetensors -> b -> model.safetensors
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let weights = d.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    symlink("b", &weights).unwrap();
+    symlink("model.safetensors", d.path().join("b")).unwrap();
+    let e = load_err(d.path());
+    let msg = e.to_string();
+    assert!(matches!(e, Error::BrokenLink { .. }), "{e:?}");
+    assert!(msg.contains("model.safetensors: it is a loop of symbolic links"), "{msg}");
+    assert!(msg.contains("b -> "), "{msg}");
+    assert!(!msg.contains("no model.safetensors"), "{msg}");
+    // A link to nothing.
+    std::fs::remove_file(d.path().join("b")).unwrap();
+    let msg = load_err(d.path()).to_string();
+    assert!(msg.contains("model.safetensors: it is a symbolic link to"), "{msg}");
+    assert!(msg.contains("which does not exist"), "{msg}");
+    // The model folder itself: a -> b -> a.
+    let t = tempfile::tempdir().unwrap();
+    symlink(t.path().join("b"), t.path().join("a")).unwrap();
+    symlink(t.path().join("a"), t.path().join("b")).unwrap();
+    let e = load_err(&t.path().join("a"));
+    let msg = e.to_string();
+    assert!(matches!(e, Error::BrokenLink { .. }), "{e:?}");
+    assert!(
+        msg.starts_with(&format!(
+            "{}: it is a loop of symbolic links",
+            t.path().join("a").display()
+        )),
+        "{msg}"
+    );
+}
+
+#[test]
+fn read_safetensors_checks_like_loading() {
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let p = d.path().join("model.safetensors");
+    let all = amend_models::read_safetensors(&p).unwrap();
+    assert_eq!(all.len(), header_json(d.path()).keys().filter(|k| *k != "__metadata__").count());
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 7]).unwrap();
+    let msg = amend_models::read_safetensors(&p).unwrap_err().to_string();
+    assert!(msg.contains("the file is truncated"), "{msg}");
 }
 
 #[test]
@@ -141,10 +354,8 @@ fn corrupt_header_is_a_safetensors_error() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[8] = b'!';
     std::fs::write(&p, &bytes).unwrap();
-    match load_err(d.path()) {
-        Error::Safetensors { path, .. } => assert!(path.ends_with("model.safetensors")),
-        e => panic!("{e:?}"),
-    }
+    let msg = corrupt_message(d.path(), None);
+    assert!(msg.contains("header is not a JSON object"), "{msg}");
 }
 
 #[test]
@@ -378,4 +589,167 @@ fn out_of_vocabulary_generation_config_id_is_blamed_on_generation_config() {
     assert!(o.file.ends_with("generation_config.json"));
     assert_eq!((o.field, o.id), ("bos_token_id", 999));
     assert_eq!(model.generation_config().bos_token_id, None);
+}
+
+// ---- Long inputs (issue 12 point 8) ----
+
+/// A text of about `words` words (the tiny tokenizers give at least one token per word).
+fn long_text(words: usize) -> String {
+    let base = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away"];
+    (0..words).map(|i| base[i % base.len()]).collect::<Vec<_>>().join(" ")
+}
+
+fn ids_of(model: &amend_models::Model, text: &str) -> Vec<u32> {
+    model.tokenizer().unwrap().encode(text, true).unwrap()
+}
+
+#[test]
+fn texts_longer_than_the_context_are_refused_naming_text_length_and_field() {
+    use amend_models::{ScoreOptions, score_texts};
+    for (name, context, field) in
+        [("gpt2", 64, "n_positions"), ("llama", 128, "max_position_embeddings")]
+    {
+        let model = load(model_dir(name), &LoadOptions::default()).unwrap();
+        let long = long_text(200);
+        let n = ids_of(&model, &long).len();
+        assert!(n > context, "{name}: {n} tokens");
+        // The long text is the second one: nothing is scored, even with one text per batch.
+        let opts = ScoreOptions { batch_size: 1, ..Default::default() };
+        let e = score_texts(&model, &["the cat", &long], &opts).unwrap_err();
+        let msg = e.to_string();
+        match e {
+            Error::TooLong { index, tokens, context: c, field: f, .. } => {
+                assert_eq!((index, tokens, c, f), (1, n, context, field), "{name}");
+            }
+            e => panic!("{name}: {e:?}"),
+        }
+        assert!(msg.contains(&format!("text 1 has {n} tokens")), "{msg}");
+        assert!(msg.contains(&format!("context of {context} tokens (`{field}`")), "{msg}");
+        // A text of exactly the context is scored.
+        let ids = ids_of(&model, &long);
+        let s = amend_models::score_ids(&model, &[ids[..context].to_vec()], &[1], 1).unwrap();
+        assert_eq!(s[0].count(), context - 1);
+        assert_eq!(amend_models::context_length(model.config()), (context, field));
+    }
+}
+
+#[test]
+fn max_tokens_keeps_the_first_tokens_and_says_how_many_were_cut() {
+    use amend_models::{ScoreOptions, score_ids, score_texts};
+    let model = load(model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let long = long_text(200);
+    let ids = ids_of(&model, &long);
+    let opts = ScoreOptions { max_tokens: Some(20), ..Default::default() };
+    let s = score_texts(&model, &[&long, "the cat"], &opts).unwrap();
+    assert_eq!(s[0].token_ids, ids[..20]);
+    assert_eq!(s[0].truncated, ids.len() - 20);
+    assert_eq!(s[1].truncated, 0, "short texts are not cut");
+    let direct = score_ids(&model, &[ids[..20].to_vec()], &[1], 1).unwrap();
+    assert_eq!(s[0].logprobs, direct[0].logprobs);
+    // GPT-2 has no position past n_positions: a cap above it does not help a long text.
+    let opts = ScoreOptions { max_tokens: Some(100), ..Default::default() };
+    match score_texts(&model, &[&long], &opts).unwrap_err() {
+        Error::TooLong { tokens: 100, context: 64, field: "n_positions", .. } => {}
+        e => panic!("{e:?}"),
+    }
+    // A RoPE model may be asked to go past its context explicitly.
+    let llama = load(model_dir("llama"), &LoadOptions::default()).unwrap();
+    let opts = ScoreOptions { max_tokens: Some(150), ..Default::default() };
+    let s = score_texts(&llama, &[&long], &opts).unwrap();
+    assert_eq!((s[0].token_ids.len(), s[0].count()), (150, 149));
+    assert!(s[0].logprobs.iter().all(|x| x.is_finite()));
+    let opts = ScoreOptions { max_tokens: Some(0), ..Default::default() };
+    assert!(matches!(
+        score_texts(&model, &["the cat"], &opts).unwrap_err(),
+        Error::InvalidInput { name: "max_tokens", .. }
+    ));
+}
+
+#[test]
+fn stride_scores_every_token_once_in_the_first_window_that_holds_it() {
+    use amend_models::{ScoreOptions, score_ids, score_texts};
+    let model = load(model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let long = long_text(120);
+    let ids = ids_of(&model, &long);
+    let n = ids.len();
+    for (window, stride) in [(64usize, 16usize), (24, 23), (10, 1)] {
+        let opts = ScoreOptions {
+            max_tokens: (window != 64).then_some(window),
+            stride: Some(stride),
+            batch_size: 3,
+            ..Default::default()
+        };
+        let s = score_texts(&model, &[&long, "the cat"], &opts).unwrap();
+        assert_eq!(s[0].token_ids, ids);
+        assert_eq!((s[0].count(), s[0].truncated), (n - 1, 0), "every token after the first");
+        // Token j is scored in the first window k·stride.. that holds it, given the window's
+        // tokens before it.
+        let mut ctx = Vec::new();
+        for j in 1..n {
+            let k = if j < window { 0 } else { (j - window + 1).div_ceil(stride) };
+            ctx.push(ids[k * stride..=j].to_vec());
+        }
+        let starts: Vec<usize> = ctx.iter().map(|c| c.len() - 1).collect();
+        let want: Vec<f32> =
+            score_ids(&model, &ctx, &starts, 16).unwrap().iter().map(|t| t.logprobs[0]).collect();
+        for (j, (a, b)) in s[0].logprobs.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "window {window} stride {stride} token {}: {a} {b}",
+                j + 1
+            );
+        }
+        // A text shorter than the window is scored as without windows (up to batch padding).
+        let plain = score_texts(&model, &["the cat"], &ScoreOptions::default()).unwrap();
+        assert_eq!(s[1].count(), plain[0].count());
+        for (a, b) in s[1].logprobs.iter().zip(&plain[0].logprobs) {
+            assert!((a - b).abs() < 1e-4, "{a} {b}");
+        }
+    }
+    // Bad windows are refused before anything runs.
+    for (max_tokens, stride, name) in
+        [(None, 64, "stride"), (Some(10), 10, "stride"), (Some(65), 8, "max_tokens")]
+    {
+        let opts = ScoreOptions { max_tokens, stride: Some(stride), ..Default::default() };
+        match score_texts(&model, &[&long], &opts).unwrap_err() {
+            Error::InvalidInput { name: got, .. } => assert_eq!(got, name),
+            e => panic!("{e:?}"),
+        }
+    }
+}
+
+#[test]
+fn header_over_the_cap_and_gaps_between_tensors_are_described() {
+    // A header length over safetensors' 100 MB cap in a (sparse) file long enough to hold it.
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&100_000_001u64.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(100_000_100).unwrap();
+    let msg = corrupt_message(d.path(), None);
+    assert!(msg.contains("the header says it is 100000001 bytes long, more than the 100 MB"));
+
+    // A gap: the last tensor moved 4 bytes on (the file grown to match).
+    let d = copy_to_temp(&model_dir("gpt2"));
+    let mut h = header_json(d.path());
+    let (last, end) = h
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), v["data_offsets"][1].as_u64().unwrap()))
+        .max_by_key(|x| x.1)
+        .unwrap();
+    let begin = h[&last]["data_offsets"][0].as_u64().unwrap();
+    h[&last]["data_offsets"] = serde_json::json!([begin + 4, end + 4]);
+    let text = serde_json::to_string(&h).unwrap();
+    rewrite_header(d.path(), |_| text.clone());
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend([0u8; 4]);
+    std::fs::write(&p, &bytes).unwrap();
+    let msg = corrupt_message(d.path(), Some(&last));
+    assert!(
+        msg.contains(&format!("leave bytes {begin}..{} of the data unused", begin + 4)),
+        "{msg}"
+    );
 }

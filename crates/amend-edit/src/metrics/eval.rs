@@ -567,16 +567,23 @@ pub fn summarize(pre: &[RecordEval], post: &[RecordEval]) -> Result<EditMetrics>
 /// put first so that the first word is scored too). Used to see how an edit changes the
 /// likelihood of preferred and dis-preferred texts.
 ///
+/// `max_tokens` keeps the first `N` tokens of each text (counting the BOS token), as an edit
+/// that truncates its texts (ProFS `max_len`) sees them; without it a text longer than the
+/// model's context is an error.
+///
 /// # Errors
-/// [`Error::Model`] (no tokenizer, a text with no tokens, forward errors).
+/// [`Error::Model`] (no tokenizer, a text with no tokens, a text longer than the context,
+/// forward errors).
 pub fn mean_text_nll<M: CausalLm + ?Sized>(
     model: &M,
     texts: &[&str],
     batch_size: usize,
+    max_tokens: Option<usize>,
 ) -> Result<f64> {
     let opts = amend_models::ScoreOptions {
         prepend_bos: true,
         batch_size: batch_size.max(1),
+        max_tokens,
         ..Default::default()
     };
     let scores = amend_models::score_texts(model, texts, &opts)?;
