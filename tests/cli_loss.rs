@@ -291,7 +291,7 @@ fn bad_input_fails_with_a_clear_message() {
     let nan = logits.copy();
     let _ = nan.get(0).get(0).get(3).fill_(f64::NAN);
     write(&inputs, &[("logits", &nan), ("labels", &labels), ("weights", &weights)]);
-    fails(&["loss", "nl", "--inputs", i, "--out", o], "not finite");
+    fails(&["loss", "nl", "--inputs", i, "--out", o], "holds NaN");
     // The output may not overwrite an input, and a missing input file is reported.
     fails(&["loss", "nl", "--inputs", i, "--out", i], "it is the input --inputs");
     fails(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o], "cannot read");
