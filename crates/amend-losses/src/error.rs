@@ -106,6 +106,27 @@ pub enum Error {
         /// Index of the sequence.
         index: i64,
     },
+    /// A token loss is NaN or ±inf although the logits (and reference logits) of its row are
+    /// all finite: an intermediate value overflowed the compute dtype. Reported under
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) (the default).
+    #[error(
+        "{op}: the loss at position {index:?} is {value} although its logits are finite: a value \
+         overflowed {dtype} ({count} such positions); the logits span more than {dtype} can hold as \
+         log-probabilities, or a config value (alpha, temperature) is too large for them: use \
+         smaller logits or values, or float64 inputs"
+    )]
+    LossOverflow {
+        /// Loss that overflowed.
+        op: &'static str,
+        /// Index of the first such position.
+        index: Vec<i64>,
+        /// Its loss value (NaN, inf or -inf).
+        value: f64,
+        /// The compute dtype (`float32`, `bfloat16`, ...).
+        dtype: &'static str,
+        /// Number of non-finite token losses.
+        count: i64,
+    },
     /// Logits at an active position hold NaN or `+inf`, or have no finite entry, and the loss's
     /// non-finite policy is [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) (the default).
     #[error(

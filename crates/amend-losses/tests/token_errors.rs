@@ -190,6 +190,57 @@ fn non_finite_logits_are_an_error_by_default_and_propagate_on_request() -> Resul
 }
 
 #[test]
+fn overflow_on_finite_logits_is_an_error_not_an_infinite_loss() -> Result<()> {
+    // Finite f32 logits of ±3e38: log p of the label is about −6e38, beyond f32.
+    let mut data = vec![0.0f64; 2 * 2 * 4];
+    data[4] = 3e38; // position (0, 1), label 0
+    data[5] = -3e38;
+    data[4 + 3] = 3e38;
+    let zz = tensor(&data, &[2, 2, 4], Kind::Float);
+    let y = ids(&[0, 1, 0, 0], &[2, 2]);
+    let backends = [TokenBackend::Composite, TokenBackend::Auto];
+    for backend in backends {
+        let cfg = NllConfig::default().with_backend(backend);
+        match nll_loss(&zz, &y, None, &cfg) {
+            Err(e @ Error::LossOverflow { .. }) => {
+                let Error::LossOverflow { index, dtype, .. } = &e else { unreachable!() };
+                assert_eq!((index.clone(), *dtype), (vec![0, 1], "float32"), "{e}");
+                assert!(e.to_string().contains("overflowed float32"), "{e}");
+            }
+            // The fused kernel may carry the row in a wider type and stay finite.
+            Ok(out) => assert!(vals(&out.loss).iter().all(|x| x.is_finite()), "{backend:?}"),
+            Err(e) => panic!("{backend:?}: {e}"),
+        }
+        // The same values in f64 are fine.
+        let out = nll_loss(&zz.to_kind(Kind::Double), &y, None, &cfg)?;
+        assert!(vals(&out.loss)[0] > 1e38);
+    }
+    let composite = NllConfig::default().with_backend(TokenBackend::Composite);
+    assert!(matches!(nll_loss(&zz, &y, None, &composite), Err(Error::LossOverflow { .. })));
+    // Propagate returns the infinite loss as computed.
+    let out =
+        nll_loss(&zz, &y, None, &composite.clone().with_non_finite(NonFinitePolicy::Propagate))?;
+    assert!(!vals(&out.loss)[0].is_finite());
+    // alpha = 1e38 fits f32 but the TNT target overflows with it.
+    let ww = w(&[1, -1, 1, -1], &[2, 2]);
+    let zo = z(2, 2, 4);
+    let cfg = TntConfig::new(TntVariant::Ff).with_alpha(1e38).with_backend(TokenBackend::Composite);
+    match tnt_loss(&z(2, 2, 4), &zo, &y, &ww, &cfg) {
+        Err(Error::LossOverflow { .. }) => {}
+        Ok(out) => assert!(vals(&out.loss).iter().all(|x| x.is_finite()), "silent non-finite"),
+        Err(e) => panic!("{e}"),
+    }
+    // A label outside the support (its logit is −inf) is +inf by definition (spec E5), not an
+    // overflow.
+    let mut masked = vec![0.0f64; 4];
+    masked[2] = f64::NEG_INFINITY;
+    let out =
+        nll_loss(&tensor(&masked, &[1, 1, 4], Kind::Float), &ids(&[2], &[1, 1]), None, &composite)?;
+    assert_eq!(vals(&out.loss)[0], f64::INFINITY);
+    Ok(())
+}
+
+#[test]
 fn invalid_configs_are_rejected() {
     let y = ids(&[0, 1], &[1, 2]);
     let ww = w(&[1, -1], &[1, 2]);

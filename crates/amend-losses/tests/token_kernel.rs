@@ -378,9 +378,13 @@ fn check_against_composite(p: &Problem, seed: u64) -> Result<()> {
     tch::manual_seed(seed as i64);
     let r = Tensor::randn(p.shape(), (Kind::Double, CPU));
     let extreme = p.magnitude > 10.0;
+    // The weighted gradient is `r ⊙ ∂ℓ/∂z` row by row, so its rounding error scales with the
+    // largest upstream weight (|r| reaches about 3 in a batch of standard normals).
+    let r_max = r.abs().max().double_value(&[]).max(1.0);
     for (i, which) in ALL.into_iter().enumerate() {
         let what = format!("{which:?}");
         let (vt, gt) = tol_for(which, p.magnitude);
+        let gtw = Tol { rel: gt.rel, abs: gt.abs * r_max };
         // Per-token upstream weights after Reduction::None.
         let (k, gk) = p.weighted(which, Kind::Float, TokenBackend::Kernel, &r)?;
         let (o, go) = p.weighted(which, Kind::Double, TokenBackend::Composite, &r)?;
@@ -389,7 +393,7 @@ fn check_against_composite(p: &Problem, seed: u64) -> Result<()> {
             &vals(&k.per_example),
             &vals(&o.per_example),
         );
-        gt.assert_all_close(&format!("{what} weighted grad"), &gk, &go);
+        gtw.assert_all_close(&format!("{what} weighted grad"), &gk, &go);
         assert_eq!(k.count(), o.count(), "{what} count");
         assert!(vals(&k.per_example).iter().all(|x| !x.is_nan()), "{what}: NaN token loss");
         metrics_close(&what, &k.metrics, &o.metrics, p.magnitude);
@@ -401,7 +405,7 @@ fn check_against_composite(p: &Problem, seed: u64) -> Result<()> {
             // above; the composite's own f32 error is up to about twice as large (measured
             // 8.5e-6 on a reverse-KL gradient where the kernel was within 4e-6), so the two f32
             // paths are compared at three times the oracle tolerance plus F32's relative term.
-            let loose = Tol { rel: F32.rel, abs: 3.0 * gt.abs };
+            let loose = Tol { rel: F32.rel, abs: 3.0 * gtw.abs };
             loose.assert_all_close(&format!("{what} grad"), &gk, &gc);
             metrics_close(&what, &k.metrics, &c.metrics, p.magnitude);
         }

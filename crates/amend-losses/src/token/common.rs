@@ -428,6 +428,52 @@ pub(crate) fn masked_sum(stat: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(stat.f_where_scalarother(mask, 0.0)?.f_sum(Kind::Double)?)
 }
 
+/// With [`NonFinitePolicy::Error`]: [`Error::LossOverflow`] when a token loss of `tok` (`[B, T]`)
+/// is not finite although every row of `inputs` (`[B, T, V]` each: the logits, the reference
+/// logits) at that position is finite. A non-finite loss on a row with `−inf` entries is a
+/// defined result (a label outside the support is `+inf`, an unusable reference row NaN; spec
+/// E5 and §1.5) and passes; one on finite rows can only be an overflow. One small sync
+/// (`[B, T]`) in the usual case.
+pub(crate) fn check_overflow(
+    op: &'static str,
+    tok: &Tensor,
+    policy: NonFinitePolicy,
+    inputs: &[&Tensor],
+) -> Result<()> {
+    if policy == NonFinitePolicy::Propagate || tok.numel() == 0 || tok.dim() != 2 {
+        return Ok(());
+    }
+    let bad = tok.f_detach()?.f_isfinite()?.f_logical_not()?;
+    let count = i64::try_from(&bad.f_sum(Kind::Int64)?)?;
+    if count == 0 {
+        return Ok(());
+    }
+    let positions = Vec::<i64>::try_from(&bad.f_nonzero()?.f_flatten(0, -1)?)?;
+    for pos in positions.chunks(2) {
+        let (b, t) = (pos[0], pos[1]);
+        let mut finite = true;
+        for x in inputs {
+            let row = x.f_get(b)?.f_get(t)?;
+            if !bool::try_from(&row.f_isfinite()?.f_all()?)? {
+                finite = false;
+                break;
+            }
+        }
+        if finite {
+            let value = tok.f_detach()?.f_double_value(&[b, t])?;
+            let dtype = match tok.f_kind()? {
+                Kind::Float => "float32",
+                Kind::Double => "float64",
+                Kind::BFloat16 => "bfloat16",
+                Kind::Half => "float16",
+                _ => "its dtype",
+            };
+            return Err(Error::LossOverflow { op, index: vec![b, t], value, dtype, count });
+        }
+    }
+    Ok(())
+}
+
 /// Builds the [`LossOutput`] of a token-level loss from token losses `tok` (`[B, T]`, zeros at
 /// inactive positions, with the graph) and the number of active positions.
 pub(crate) fn finish(

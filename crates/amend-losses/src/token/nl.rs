@@ -10,8 +10,8 @@ use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
-    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
-    token_losses,
+    check_overflow, check_reduction, compute_kind, finish, masked_sum, plan_weighted,
+    select_weighted, token_losses,
 };
 use super::kernel::{self, fused, inject, override_rows, threads};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
@@ -229,6 +229,7 @@ pub fn nl_loss(
         Ok(())
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 
@@ -275,5 +276,6 @@ fn nl_kernel(
     sink.add("nl/neg_logp", &masked_sum(&l_y, &neg)?, n_neg)?;
     sink.add("nl/floored", &floored.f_sum(Kind::Float)?, n_neg)?;
     sink.add("nl/pos_nll", &masked_sum(&l_y.f_neg()?, &pos)?, n_pos)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

@@ -7,7 +7,7 @@ use amend_kernels::{SelectedLogpConfig, SelectedLogpOut};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
-    check_reduction, count_and_check_ids, finish, masked_sum, token_losses,
+    check_overflow, check_reduction, count_and_check_ids, finish, masked_sum, token_losses,
 };
 use super::kernel::{self, argmax, fused, inject, row_scale, threads};
 use super::rows::{RowLoss, Rows, eval_rows, minus_onehot};
@@ -153,6 +153,7 @@ fn nll_kernel(
     let mut sink = MetricSink::default();
     let hit = argmax(logits)?.f_eq_tensor(&plan.labels)?.f_to_kind(Kind::Float)?;
     sink.add("mean_token_accuracy", &masked_sum(&hit, &plan.active)?, plan.count as f64)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }
 
@@ -216,6 +217,7 @@ pub fn nll_loss(
     let row_loss =
         eval_rows(&NllRows, &prep.rows, cfg.backend, &mut |rows, _| nll_metrics(rows, &mut sink))?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 

@@ -7,7 +7,7 @@ use amend_kernels::{KlTarget, TokenKlConfig};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_fits_dtype,
-    check_logits, check_nonneg_finite, check_reduction, check_shape, compute_kind,
+    check_logits, check_nonneg_finite, check_overflow, check_reduction, check_shape, compute_kind,
     count_and_check_ids, finish, token_losses,
 };
 use super::kernel::{self, argmax, fused, inject, row_scale, target_argmax, threads};
@@ -309,6 +309,7 @@ pub fn reference_kl_loss(
         sink.add("ref_kl/top1_agreement", &agree.f_sum(Kind::Float)?, count as f64)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 
@@ -397,5 +398,6 @@ fn reference_kl_kernel(
     };
     let agree = argmax(logits)?.f_eq_tensor(&am_t)?.f_logical_and(&plan.active)?;
     sink.add("ref_kl/top1_agreement", &agree.f_sum(Kind::Float)?, count)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

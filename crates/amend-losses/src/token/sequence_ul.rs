@@ -15,7 +15,8 @@ use amend_kernels::UnlikelihoodConfig;
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, as_ids, as_mask, check_bt, check_logits,
-    check_reduction, check_shape, count_and_check_ids, finish, masked_sum, token_losses,
+    check_overflow, check_reduction, check_shape, count_and_check_ids, finish, masked_sum,
+    token_losses,
 };
 use super::kernel::{self, fused, inject, logp_at, threads};
 use super::rows::{RowLoss, Rows, eval_rows, log1m_p, neg_log1m_grad};
@@ -311,6 +312,7 @@ pub fn sequence_ul_loss(
         sink.add("seq_ul/repeat_mass", &p_y.f_sum(None::<Kind>)?, n_pen as f64)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits])?;
     finish(OP, tok, count, cfg.reduction, sink.finish()?)
 }
 
@@ -533,5 +535,6 @@ fn sequence_ul_kernel(
     let mut sink = MetricSink::default();
     sink.add_value("seq_ul/repeat_fraction", plan.count as f64, count as f64)?;
     sink.add("seq_ul/repeat_mass", &masked_sum(&l_y.f_exp()?, &plan.active)?, plan.count as f64)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits])?;
     finish(op, tok, count, cfg.reduction, sink.finish()?).map(Some)
 }

@@ -11,8 +11,8 @@ use amend_kernels::{KlTarget, LogitsIo, TntKernelConfig, TokenKlConfig};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
-    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
-    token_losses,
+    check_overflow, check_reduction, compute_kind, finish, masked_sum, plan_weighted,
+    select_weighted, token_losses,
 };
 use super::kernel::{
     self, argmax, fused, inject, logp_at, restrict_to_support, row_scale, target_argmax, threads,
@@ -436,6 +436,7 @@ pub fn tnt_loss(
         tnt_metrics(rows, values, &mut sink)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 
@@ -494,6 +495,7 @@ fn tnt_kernel(
         fused.stats.masked_vocab_rows,
     )?;
     stats.record(&fused.values, &mut sink)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }
 

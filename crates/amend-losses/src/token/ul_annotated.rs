@@ -10,8 +10,8 @@ use amend_kernels::{TntKernelConfig, TntVariant};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
-    check_reduction, compute_kind, finish, masked_sum, plan_weighted, select_weighted,
-    token_losses,
+    check_overflow, check_reduction, compute_kind, finish, masked_sum, plan_weighted,
+    select_weighted, token_losses,
 };
 use super::kernel::{self, fused, inject, logp_at, threads};
 use super::rows::{CandidateList, RowLoss, Rows, eval_rows, log1m_p, minus_onehot, neg_log1m_grad};
@@ -191,6 +191,7 @@ pub fn ul_annotated_loss(
         Ok(())
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 
@@ -224,5 +225,6 @@ fn ul_annotated_kernel(
     sink.add("ul/neg_mass", &masked_sum(&l_y.f_exp()?, &neg)?, n_neg)?;
     // At positives the token loss is −log p_y.
     sink.add("ul/pos_nll", &masked_sum(&fused.values, &pos)?, n_pos)?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }

@@ -11,8 +11,8 @@ use amend_kernels::UnlikelihoodConfig;
 
 use super::common::{
     Dims, MetricSink, NonFinitePolicy, Plan, Prepared, RowSelection, TokenBackend, as_ids, as_mask,
-    check_bt, check_fits_dtype, check_logits, check_nonneg_finite, check_reduction, check_shape,
-    count_and_check_ids, finish, masked_sum, token_losses, unravel,
+    check_bt, check_fits_dtype, check_logits, check_nonneg_finite, check_overflow, check_reduction,
+    check_shape, count_and_check_ids, finish, masked_sum, token_losses, unravel,
 };
 use super::kernel::{self, argmax, fused, inject, logp_at, row_scale, threads};
 use super::nll::nll_metrics;
@@ -332,6 +332,7 @@ fn welleck_kernel(
     let tok = inject(logits, &fused, &plan.active, plan.count)?;
     let metrics =
         tch::no_grad(|| welleck_kernel_metrics(op, plan, logits, &full, &fused.values, cfg))?;
+    check_overflow(op, &tok, cfg.non_finite, &[logits])?;
     finish(op, tok, plan.count, cfg.reduction, metrics).map(Some)
 }
 
@@ -462,6 +463,7 @@ pub fn welleck_ul_loss(
         nll_metrics(rows, &mut sink)
     })?;
     let tok = token_losses(&prep, &row_loss)?;
+    check_overflow(OP, &tok, cfg.non_finite, &[logits])?;
     finish(OP, tok, prep.count, cfg.reduction, sink.finish()?)
 }
 
