@@ -108,6 +108,20 @@ pub enum Error {
         /// The layer.
         layer: usize,
     },
+    /// A requested layer does not exist in the model (fine-tuning parameter selection).
+    #[error(
+        "{op}: layer {layer} does not exist: the model has {num_layers} layers (0..{num_layers}); requested layers: {requested}"
+    )]
+    LayerOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The first requested layer that does not exist.
+        layer: usize,
+        /// The requested layers as given (`2..9` or `1, 4, 7`).
+        requested: String,
+        /// Layers of the model.
+        num_layers: usize,
+    },
     /// A layer range is empty or reaches past the model's last layer (PF-11).
     #[error(
         "{op}: layer range {start}..{end} is invalid for a model with {num_layers} layers ({reason})"
@@ -176,6 +190,22 @@ pub enum Error {
         step: usize,
         /// The value.
         value: f64,
+    },
+    /// Training diverged: after at least one optimizer step the loss, its gradient or the
+    /// model's logits stopped being finite. The learning rate is the usual cause, so the message
+    /// names it (the data and the starting model were fine at step 0).
+    #[error(
+        "{op}: training diverged after {step} optimizer steps ({what}) at a peak learning rate of {lr:e}; lower the learning rate (`lr`, --lr on the command line)"
+    )]
+    Diverged {
+        /// The operation.
+        op: &'static str,
+        /// Optimizer steps taken before the failure.
+        step: usize,
+        /// The recipe's peak learning rate.
+        lr: f64,
+        /// What stopped being finite, in words.
+        what: String,
     },
     /// A metric input is out of its domain (negative or NaN edit-score components, …).
     #[error("{op}: invalid metric input `{name}` = {value}: {reason}")]

@@ -119,6 +119,35 @@ impl EditRequest {
             field,
             reason: reason.to_string(),
         };
+        // `{}` is the subject's placeholder (CounterFact's format): without a subject it would
+        // be trained and scored literally.
+        match &self.subject {
+            Some(s) if s.trim().is_empty() => return Err(bad("subject".into(), "empty subject")),
+            Some(_) => {}
+            None => {
+                let templated = std::iter::once(("prompt".to_string(), &self.prompt))
+                    .chain(
+                        self.rephrase
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| (format!("rephrase[{i}]"), p)),
+                    )
+                    .chain(
+                        self.generation_prompts
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| (format!("generation_prompts[{i}]"), p)),
+                    )
+                    .find(|(_, p)| p.contains("{}"));
+                if let Some((field, _)) = templated {
+                    return Err(bad(
+                        field,
+                        "contains the subject placeholder `{}` but the request has no `subject`; \
+                         add \"subject\" or write the subject into the prompt",
+                    ));
+                }
+            }
+        }
         if self.rewrite_prompt().trim().is_empty() {
             return Err(bad("prompt".into(), "empty prompt"));
         }

@@ -385,3 +385,21 @@ fn bad_inputs() {
     assert_eq!(Vec::<i64>::try_from(b.input_ids.flatten(0, -1)).unwrap(), vec![2, 3, 4, 5, 6]);
     assert!(build_batch(&[], &o, Device::Cpu).is_err());
 }
+
+#[test]
+fn subject_placeholder_needs_a_subject() {
+    use amend_edit::EditRequest;
+    // Without a subject, `{}` would be trained and scored literally.
+    let r = EditRequest::new("{} lives in", "Paris");
+    let e = r.validate(4).unwrap_err();
+    assert!(matches!(&e, Error::InvalidEdit { index: 4, field, .. } if field == "prompt"), "{e}");
+    assert!(e.to_string().contains("no `subject`"), "{e}");
+    let r = EditRequest::new("Ana Koss lives in", "Paris").with_rephrase(["Where does {} live?"]);
+    let e = r.validate(0).unwrap_err();
+    assert!(matches!(&e, Error::InvalidEdit { field, .. } if field == "rephrase[0]"), "{e}");
+    let e = EditRequest::new("{} lives in", "Paris").with_subject(" ").validate(0).unwrap_err();
+    assert!(matches!(&e, Error::InvalidEdit { field, .. } if field == "subject"), "{e}");
+    // With a subject, or without a placeholder, the request is fine.
+    EditRequest::new("{} lives in", "Paris").with_subject("Ana Koss").validate(0).unwrap();
+    EditRequest::new("Ana Koss lives in", "Paris").validate(0).unwrap();
+}

@@ -281,7 +281,13 @@ fn bad_edit_requests_are_typed_errors() {
     assert!(matches!(ft_edit(&mut model, &[], &recipe, &opts), Err(Error::InvalidInput { .. })));
     // Layer out of range; a selector matching nothing.
     let r = recipe.clone().with_params(ParamSelector::MlpOutput { layers: vec![2] });
-    assert!(matches!(ft_edit(&mut model, &requests(), &r, &opts), Err(Error::LayerRange { .. })));
+    let e = ft_edit(&mut model, &requests(), &r, &opts).unwrap_err();
+    assert!(matches!(&e, Error::LayerOutOfRange { layer: 2, num_layers: 2, .. }), "{e}");
+    let r = recipe.clone().with_params(ParamSelector::MlpOutput { layers: (1..9).collect() });
+    let e = ft_edit(&mut model, &requests(), &r, &opts).unwrap_err();
+    // The message names the layer that is missing and the request as given, not a made-up range.
+    assert!(e.to_string().contains("layer 2 does not exist"), "{e}");
+    assert!(e.to_string().contains("requested layers: 1..9"), "{e}");
     let r = recipe.clone().with_params(ParamSelector::Modules {
         template: "mlp.down_proj.{}".into(),
         layers: vec![0],

@@ -362,7 +362,8 @@ pub fn training_rows<M: CausalLm + ?Sized>(
 /// be in the train/eval mode the caller wants.
 ///
 /// # Errors
-/// [`Error::NonFinite`] for a NaN/∞ loss (the step is not taken); batch, loss and optimizer
+/// [`Error::NonFinite`] for a NaN/∞ loss before any step (the step is not taken),
+/// [`Error::Diverged`] when it happens after updates (naming the learning rate); batch, loss and optimizer
 /// errors.
 pub fn train_rows<M: CausalLm + ?Sized>(
     model: &mut M,
@@ -427,9 +428,21 @@ pub fn train_rows<M: CausalLm + ?Sized>(
             let refs: Vec<&EditRow> = chunk.iter().map(|&i| &rows[i]).collect();
             let batch = build_batch(&refs, &bopts, device)?;
             opt.zero_grad()?;
-            let loss = batch_loss(&*model, &batch, recipe.objective, recipe.reduction)?;
+            // Once a step has been taken, non-finite values mean the updates blew up: say so
+            // and name the learning rate instead of blaming the logits or the data.
+            let diverged =
+                |what: String| Error::Diverged { op: OP, step: steps, lr: recipe.lr, what };
+            let loss = match batch_loss(&*model, &batch, recipe.objective, recipe.reduction) {
+                Err(Error::Loss(e @ amend_losses::Error::NonFiniteLogits { .. })) if steps > 0 => {
+                    return Err(diverged(format!("the model's logits: {e}")));
+                }
+                r => r?,
+            };
             let lv = loss.f_double_value(&[])?;
             if !lv.is_finite() {
+                if steps > 0 {
+                    return Err(diverged(format!("loss = {lv}")));
+                }
                 return Err(Error::NonFinite { op: OP, what: "loss", step: steps, value: lv });
             }
             if batches == 0 {
@@ -444,6 +457,9 @@ pub fn train_rows<M: CausalLm + ?Sized>(
                 loss.f_backward()?;
                 if let Some(max) = recipe.max_grad_norm {
                     let norm = opt.grad_norm()?;
+                    if !norm.is_finite() && steps > 0 {
+                        return Err(diverged(format!("gradient norm = {norm}")));
+                    }
                     if !norm.is_finite() {
                         return Err(Error::NonFinite {
                             op: OP,
@@ -532,7 +548,7 @@ fn numbers(e: &RecordEval, pre: Option<&RecordEval>) -> Result<RecordNumbers> {
 ///
 /// # Errors
 /// [`Error::InvalidEdit`] naming the request and field (empty or untokenisable targets, …);
-/// [`Error::NoTrainableParams`], [`Error::LayerRange`] (parameter selection);
+/// [`Error::NoTrainableParams`], [`Error::LayerOutOfRange`] (parameter selection);
 /// [`Error::InvalidInput`] (recipe); [`Error::NonFinite`]; model and tensor errors.
 ///
 /// # Example

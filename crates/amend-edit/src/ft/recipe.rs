@@ -115,7 +115,7 @@ impl ParamSelector {
     /// The parameter names this selector picks in `model`, in checkpoint order.
     ///
     /// # Errors
-    /// [`Error::LayerRange`] for a layer out of range; [`Error::NoTrainableParams`] when nothing
+    /// [`Error::LayerOutOfRange`] for a layer the model does not have; [`Error::NoTrainableParams`] when nothing
     /// matches (an edit would be a silent no-op); [`Error::Model`].
     pub fn resolve<M: CausalLm + ?Sized>(&self, model: &M) -> Result<Vec<String>> {
         const OP: &str = "ParamSelector";
@@ -125,12 +125,11 @@ impl ParamSelector {
                 return Err(Error::invalid(OP, "layers", "no layers given"));
             }
             if let Some(&l) = layers.iter().find(|&&l| l >= n) {
-                return Err(Error::LayerRange {
+                return Err(Error::LayerOutOfRange {
                     op: OP,
-                    start: l,
-                    end: l + 1,
+                    layer: l,
+                    requested: describe_layers(layers),
                     num_layers: n,
-                    reason: "layer out of range",
                 });
             }
             Ok(())
@@ -477,5 +476,14 @@ impl FtRecipe {
             ));
         }
         self.augmentation.validate()
+    }
+}
+
+/// `2..9` for a run of consecutive layers, `1, 4, 7` otherwise.
+fn describe_layers(layers: &[usize]) -> String {
+    let consecutive = layers.windows(2).all(|w| w[1] == w[0] + 1);
+    match (layers.first(), layers.last()) {
+        (Some(&a), Some(&b)) if consecutive && layers.len() > 1 => format!("{a}..{}", b + 1),
+        _ => layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
     }
 }
