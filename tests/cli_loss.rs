@@ -294,7 +294,30 @@ fn bad_input_fails_with_a_clear_message() {
     fails(&["loss", "nl", "--inputs", i, "--out", o], "holds NaN");
     // The output may not overwrite an input, and a missing input file is reported.
     fails(&["loss", "nl", "--inputs", i, "--out", i], "it is the input --inputs");
-    fails(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o], "cannot read");
+    let r = amend(&["loss", "nl", "--inputs", "/nonexistent/x.safetensors", "--out", o]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(err.contains("/nonexistent/x.safetensors: No such file or directory"), "{err}");
+    assert!(!err.contains("Os {") && !err.contains("IoError"), "a debug dump: {err}");
+    // A mask value other than 0/1 is not taken as "true".
+    let mask2 = Tensor::from_slice(&[1i64, 2, 0, 1, 1, 1, 1, 1, 0, 1]).reshape([2, 5]);
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("mask", &mask2)]);
+    fails(&["loss", "nll", "--inputs", i, "--out", o], "mask");
+    let r = amend(&["loss", "nll", "--inputs", i, "--out", o]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("2"), "the message names the bad value: {err}");
+    // A knob the compute dtype cannot hold: alpha = 1e300 is infinite in f32.
+    write(
+        &inputs,
+        &[
+            ("logits", &logits),
+            ("ref_logits", &ref_logits),
+            ("labels", &labels),
+            ("weights", &weights),
+        ],
+    );
+    std::fs::write(&cfg, r#"{"alpha": 1e300}"#).unwrap();
+    fails(&["loss", "tnff", "--config", c, "--inputs", i, "--out", o], "alpha");
     assert!(inputs.exists(), "the input file survived");
 }
 

@@ -185,7 +185,8 @@ fn score_refuses_texts_longer_than_the_context_and_offers_a_cap_or_windows() {
     std::fs::write(&file, format!("the cat\n\n{}\n", long_text(200))).unwrap();
     let err = stderr(&amend(&["score", "--model", d, "--file", f, "--lines", "--threads", "1"]));
     assert!(err.contains(&format!("line 3 of {f} has {n} tokens")), "{err}");
-    let err = stderr(&amend(&["score", "--model", d, "--text", "a", "--text", &long_text(200)]));
+    let err =
+        stderr(&amend(&["score", "--model", d, "--text", "the cat", "--text", &long_text(200)]));
     assert!(err.contains(&format!("--text number 2 has {n} tokens")), "{err}");
 
     // --max-tokens: the first N tokens; the JSON says how many were cut.
@@ -238,4 +239,55 @@ fn corrupt_or_looping_weights_are_described_in_words() {
     let err = score();
     assert!(err.contains(&format!("{}: it is a loop of symbolic links", w.display())), "{err}");
     assert!(!err.contains("no model.safetensors"), "{err}");
+}
+
+#[test]
+fn texts_with_nothing_to_score_are_refused_not_given_perplexity_one() {
+    let dir = fixture();
+    let d = dir.to_str().unwrap();
+    // An empty text with --prepend-bos is one token: nothing can be scored.
+    let err = stderr(&amend(&["score", "--model", d, "--text", "", "--prepend-bos"]));
+    assert!(
+        err.contains("--text has 1 token (with the --prepend-bos token): nothing to score"),
+        "{err}"
+    );
+    let err = stderr(&amend(&["score", "--model", d, "--text", "the cat", "--text", ""]));
+    assert!(err.contains("--text number 2 has 0 tokens: nothing to score"), "{err}");
+    assert!(!err.contains("perplexity"), "{err}");
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_file_and_tensor_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    std::fs::create_dir(&model_dir).unwrap();
+    for e in std::fs::read_dir(fixture()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model_dir.join(e.file_name())).unwrap();
+    }
+    let weights = model_dir.join("model.safetensors");
+    let mut tensors = tch::Tensor::read_safetensors(&weights).unwrap();
+    let name = "h.1.mlp.c_proj.weight";
+    let t = &mut tensors.iter_mut().find(|(n, _)| n.ends_with(name)).expect(name).1;
+    let _ = t.get(3).get(5).fill_(f64::NAN);
+    let full = tensors.iter().find(|(n, _)| n.ends_with(name)).unwrap().0.clone();
+    tch::Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let d = model_dir.to_str().unwrap();
+    for args in [
+        vec!["score", "--model", d, "--text", "the cat"],
+        vec!["generate", "--model", d, "--prompt", "the cat", "--max-new-tokens", "2"],
+    ] {
+        let err = stderr(&amend(&args));
+        let want = format!(
+            "{}: tensor `{full}` holds 1 non-finite value (the first, at [3, 5], is NaN) in the file",
+            weights.display()
+        );
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(err.contains("--allow-non-finite-weights"), "{err}");
+        // Allowed explicitly: it loads, and the NaN shows in the output rather than as 1.0.
+        let mut allowed = args.clone();
+        allowed.push("--allow-non-finite-weights");
+        let out = amend(&allowed);
+        assert!(out.status.success(), "{allowed:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

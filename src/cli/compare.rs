@@ -10,7 +10,7 @@ use amend::eval::compare::{
 use amend::eval::methods::Method;
 use amend::eval::progress::TerminalProgress;
 use amend::eval::report::{terminal_summary, write_report};
-use amend::models::{CausalLm, LoadOptions, UnknownFields};
+use amend::models::{CausalLm, LoadOptions, NonFiniteWeights, UnknownFields};
 
 /// Compare methods that remove an unwanted behaviour, side by side, on a task whose ideal update
 /// is known.
@@ -85,6 +85,10 @@ pub struct CompareArgs {
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]
     pub allow_unknown_config: bool,
+    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
+    /// tensor); the outputs will be NaN or garbage.
+    #[arg(long)]
+    pub allow_non_finite_weights: bool,
 }
 
 /// Runs `amend compare`.
@@ -137,6 +141,11 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                     UnknownFields::Warn
                 } else {
                     UnknownFields::Reject
+                },
+                non_finite: if args.allow_non_finite_weights {
+                    NonFiniteWeights::Propagate
+                } else {
+                    NonFiniteWeights::Error
                 },
                 ..LoadOptions::default()
             };

@@ -27,7 +27,7 @@ use amend::edit::profs::{
 use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_model_cache};
 use amend::edit::{EditRequest, QaPair};
 use amend::models::recipe::RunOptions;
-use amend::models::{CausalLm, LoadOptions, Model, UnknownFields};
+use amend::models::{CausalLm, LoadOptions, Model, NonFiniteWeights, UnknownFields};
 
 /// Edit a model: ProFS subspace projection (`project`) or fine-tuning edits (`finetune`).
 ///
@@ -76,6 +76,10 @@ pub struct CommonArgs {
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]
     pub allow_unknown_config: bool,
+    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
+    /// tensor); the outputs will be NaN or garbage.
+    #[arg(long)]
+    pub allow_non_finite_weights: bool,
     /// Cache of the embedded task's model (default: $AMEND_CACHE_DIR/models or
     /// ~/.cache/amend/models).
     #[arg(long, value_name = "DIR")]
@@ -324,6 +328,11 @@ fn load_model(c: &CommonArgs, dir: &Path) -> Result<Model> {
             UnknownFields::Warn
         } else {
             UnknownFields::Reject
+        },
+        non_finite: if c.allow_non_finite_weights {
+            NonFiniteWeights::Propagate
+        } else {
+            NonFiniteWeights::Error
         },
         ..LoadOptions::default()
     };

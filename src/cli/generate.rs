@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use amend::models::{CausalLm, FinishReason, LoadOptions, UnknownFields, parse_kind};
+use amend::models::{
+    CausalLm, FinishReason, LoadOptions, NonFiniteWeights, UnknownFields, parse_kind,
+};
 
 use super::score::emit;
 
@@ -68,6 +70,10 @@ pub struct GenerateArgs {
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]
     pub allow_unknown_config: bool,
+    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
+    /// tensor); the outputs will be NaN or garbage.
+    #[arg(long)]
+    pub allow_non_finite_weights: bool,
 }
 
 /// Runs `amend generate`.
@@ -83,6 +89,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             UnknownFields::Warn
         } else {
             UnknownFields::Reject
+        },
+        non_finite: if args.allow_non_finite_weights {
+            NonFiniteWeights::Propagate
+        } else {
+            NonFiniteWeights::Error
         },
         ..LoadOptions::default()
     };

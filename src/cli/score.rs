@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use amend::models::{CausalLm, LoadOptions, ScoreOptions, TokenScores, UnknownFields, parse_kind};
+use amend::models::{
+    CausalLm, LoadOptions, NonFiniteWeights, ScoreOptions, TokenScores, UnknownFields, parse_kind,
+};
 
 /// Score text with a model: the log-probability of every token given the tokens before it, and
 /// the perplexity.
@@ -66,6 +68,10 @@ pub struct ScoreArgs {
     /// Load configs with unknown config.json fields (with a warning) instead of failing.
     #[arg(long)]
     pub allow_unknown_config: bool,
+    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
+    /// tensor); the outputs will be NaN or garbage.
+    #[arg(long)]
+    pub allow_non_finite_weights: bool,
 }
 
 /// Runs `amend score`.
@@ -108,6 +114,11 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         } else {
             UnknownFields::Reject
         },
+        non_finite: if args.allow_non_finite_weights {
+            NonFiniteWeights::Propagate
+        } else {
+            NonFiniteWeights::Error
+        },
         ..LoadOptions::default()
     };
     let model = amend::models::load(&args.model, &opts)
@@ -140,6 +151,15 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
                 "{what} has {tokens} tokens, more than the model's context of {context} tokens \
                  (`{field}` in {}); nothing was scored: {fix}",
                 config.display()
+            );
+        }
+        Err(amend::models::Error::NothingToScore { index, tokens, with_bos, .. }) => {
+            let what = &names[index];
+            let bos = if with_bos { " (with the --prepend-bos token)" } else { "" };
+            bail!(
+                "{what} has {tokens} token{}{bos}: nothing to score, a text needs at least two \
+                 tokens (the first is only context); nothing was scored",
+                if tokens == 1 { "" } else { "s" }
             );
         }
         Err(amend::models::Error::InvalidInput {

@@ -480,6 +480,38 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>>
         .collect()
 }
 
+/// [`Error::NonFiniteWeights`] when `converted` (the weight as the model will use it) holds NaN
+/// or ±inf, saying whether the stored values were already non-finite or overflowed the dtype.
+fn check_finite_weight(file: &Path, name: &str, stored: &Tensor, converted: &Tensor) -> Result<()> {
+    if bool::try_from(converted.f_isfinite()?.f_all()?)? {
+        return Ok(());
+    }
+    let bad = converted.f_isfinite()?.f_logical_not()?;
+    let count = i64::try_from(bad.f_sum(Kind::Int64)?)?;
+    let flat_first = i64::try_from(bad.f_flatten(0, -1)?.f_argmax(0, false)?)?;
+    // The multi-index of the first offending entry, row-major.
+    let mut index = vec![0i64; converted.dim()];
+    let mut rest = flat_first;
+    for (d, &n) in converted.size().iter().enumerate().rev() {
+        index[d] = rest % n.max(1);
+        rest /= n.max(1);
+    }
+    let value = converted.f_flatten(0, -1)?.f_double_value(&[flat_first])?;
+    let stored_finite = bool::try_from(stored.f_isfinite()?.f_all()?)?;
+    let overflow = stored_finite.then(|| {
+        let name = crate::model::kind_name;
+        (name(stored.kind()).to_string(), name(converted.kind()).to_string())
+    });
+    Err(Error::NonFiniteWeights {
+        path: file.to_path_buf(),
+        name: name.to_string(),
+        count,
+        index,
+        value,
+        overflow,
+    })
+}
+
 /// The tch kind of a safetensors dtype amend can load.
 pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     match dtype {
@@ -513,11 +545,24 @@ pub(crate) struct CheckpointReader {
     used: BTreeSet<String>,
     kind: Kind,
     device: Device,
+    check_finite: bool,
 }
 
 impl CheckpointReader {
     pub fn new(ckpt: Checkpoint, kind: Kind, device: Device) -> Self {
-        CheckpointReader { ckpt, files: HashMap::new(), used: BTreeSet::new(), kind, device }
+        CheckpointReader {
+            ckpt,
+            files: HashMap::new(),
+            used: BTreeSet::new(),
+            kind,
+            device,
+            check_finite: false,
+        }
+    }
+
+    /// Makes [`read`](Self::read) refuse floating-point tensors that hold NaN or ±inf.
+    pub fn check_finite(&mut self, on: bool) {
+        self.check_finite = on;
     }
 
     pub fn checkpoint(&self) -> &Checkpoint {
@@ -567,7 +612,13 @@ impl CheckpointReader {
         let tensor = self.read_raw(key, &entry)?;
         self.used.insert(key.to_string());
         let kind = kind.unwrap_or(self.kind);
-        let t = if tensor.f_kind()? != kind { tensor.f_to_kind(kind)? } else { tensor };
+        let stored = tensor.f_kind()?;
+        let t = if stored != kind { tensor.f_to_kind(kind)? } else { tensor.shallow_clone() };
+        if self.check_finite
+            && matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+        {
+            check_finite_weight(&entry.file, key, &tensor, &t)?;
+        }
         Ok(if self.device != Device::Cpu { t.f_to_device(self.device)? } else { t })
     }
 

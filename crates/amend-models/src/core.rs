@@ -124,7 +124,8 @@ pub(crate) fn open_dir(dir: &Path, opts: &LoadOptions) -> Result<OpenedDir> {
     let config = ModelConfig::from_hf_json(&raw_config, &config_path, opts.unknown_config_fields)?;
     crate::machine::check_model_fits(&config, opts.kind, &config_path)?;
     let ckpt = Checkpoint::open(&dir)?;
-    let reader = CheckpointReader::new(ckpt, opts.kind, opts.device);
+    let mut reader = CheckpointReader::new(ckpt, opts.kind, opts.device);
+    reader.check_finite(opts.non_finite == crate::model::NonFiniteWeights::Error);
     Ok(OpenedDir { dir, config, raw_config, weights: CheckpointWeights::new(reader) })
 }
 

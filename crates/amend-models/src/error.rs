@@ -207,6 +207,50 @@ pub enum Error {
         /// The config field the context comes from (`n_positions`, `max_position_embeddings`).
         field: &'static str,
     },
+    /// A weight holds NaN or ±inf (as the model would use it, after conversion to the load
+    /// dtype); see [`NonFiniteWeights`](crate::NonFiniteWeights).
+    #[error(
+        "{path}: tensor `{name}` holds {count} non-finite value{} (the first, at {index:?}, is {value}){}",
+        if *count == 1 { "" } else { "s" },
+        match overflow {
+            Some((from, to)) => format!(
+                " after conversion from {from} to {to}: the stored values are finite but too large for {to}; load the model in float32 or bfloat16"
+            ),
+            None => " in the file: the checkpoint is damaged or the training that wrote it diverged; to load it anyway, set `non_finite: propagate` in LoadOptions (--allow-non-finite-weights on the command line)".to_string(),
+        }
+    )]
+    NonFiniteWeights {
+        /// The safetensors file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Non-finite entries.
+        count: i64,
+        /// Index of the first one.
+        index: Vec<i64>,
+        /// Its value (NaN, inf or -inf).
+        value: f64,
+        /// `(stored dtype, load dtype)` when the stored values are finite and the conversion
+        /// overflowed.
+        overflow: Option<(String, String)>,
+    },
+    /// A text has fewer than two tokens, so no token of it can be scored (the first token is
+    /// only context); a perplexity over no tokens is undefined.
+    #[error(
+        "{op}: text {index} has {tokens} token{} ({}): nothing to score, a text needs at least two tokens (the first is only context)",
+        if *tokens == 1 { "" } else { "s" },
+        if *with_bos { "including the prepended BOS" } else { "after tokenisation" }
+    )]
+    NothingToScore {
+        /// The operation.
+        op: &'static str,
+        /// 0-based index of the text.
+        index: usize,
+        /// Its length in tokens (0 or 1).
+        tokens: usize,
+        /// Whether a BOS token was prepended (and counted).
+        with_bos: bool,
+    },
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shape mismatch: expected {expected:?}, got {got:?}")]
     ShapeMismatch {

@@ -53,7 +53,7 @@ pub use layers::KvCache;
 pub use llama::Llama;
 pub use model::{
     CausalLm, ForwardOptions, ForwardOutput, LayerWeight, LoadOptions, LogitsMode, MlpWeight,
-    SaveOptions, WeightLayout, kind_name, parse_kind,
+    NonFiniteWeights, SaveOptions, WeightLayout, kind_name, parse_kind,
 };
 pub use params::{Parameter, Params};
 pub use scoring::{

@@ -119,6 +119,27 @@ pub struct LoadOptions {
     /// Read `tokenizer.json` when present (a missing file is not an error; the model then has no
     /// tokenizer).
     pub load_tokenizer: bool,
+    /// What loading does with a weight that holds NaN or ±inf (after conversion to
+    /// [`kind`](Self::kind)): [`Error::NonFiniteWeights`](crate::Error::NonFiniteWeights) naming
+    /// the file and the tensor (the default), or load it as it is.
+    pub non_finite: NonFiniteWeights,
+}
+
+/// What [`load`](crate::load) does with weights that hold NaN or ±inf, by the same names as the
+/// losses' `non_finite` policy (`amend_losses::NonFinitePolicy`).
+///
+/// A model with such a weight scores and generates garbage without any error, so the default
+/// refuses it. The check reads every floating-point weight once at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum NonFiniteWeights {
+    /// Refuse the checkpoint with [`Error::NonFiniteWeights`](crate::Error::NonFiniteWeights)
+    /// (the default).
+    #[default]
+    Error,
+    /// Load it anyway (to inspect a diverged checkpoint); NaN and inf propagate into the outputs.
+    Propagate,
 }
 
 impl Default for LoadOptions {
@@ -128,6 +149,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             unknown_config_fields: UnknownFields::Reject,
             load_tokenizer: true,
+            non_finite: NonFiniteWeights::Error,
         }
     }
 }

@@ -112,9 +112,10 @@ impl TokenScores {
         self.logprobs.iter().map(|&x| f64::from(x)).sum()
     }
 
-    /// Mean negative log-likelihood per scored token (0 when nothing is scored).
+    /// Mean negative log-likelihood per scored token (NaN when nothing is scored: a mean over no
+    /// tokens is undefined, and 0 would read as a perfect score).
     pub fn mean_nll(&self) -> f64 {
-        if self.logprobs.is_empty() { 0.0 } else { -self.sum_logprob() / self.count() as f64 }
+        if self.logprobs.is_empty() { f64::NAN } else { -self.sum_logprob() / self.count() as f64 }
     }
 
     /// `exp(mean_nll)`.
@@ -128,11 +129,12 @@ impl TokenScores {
     }
 }
 
-/// Perplexity over several scored sequences (token-weighted): `exp(−Σ logprob / Σ count)`.
+/// Perplexity over several scored sequences (token-weighted): `exp(−Σ logprob / Σ count)`; NaN
+/// when no token is scored.
 pub fn corpus_perplexity(scores: &[TokenScores]) -> f64 {
     let (s, n) =
         scores.iter().fold((0.0, 0usize), |(s, n), x| (s + x.sum_logprob(), n + x.count()));
-    if n == 0 { 1.0 } else { (-s / n as f64).exp() }
+    if n == 0 { f64::NAN } else { (-s / n as f64).exp() }
 }
 
 /// Scores token sequences: the log-probability of every token from `first_scored[i]` on
@@ -243,8 +245,9 @@ fn bos_of<M: CausalLm + ?Sized>(model: &M, op: &'static str) -> Result<Option<u3
 ///
 /// # Errors
 /// [`Error::NoTokenizer`]; [`Error::TooLong`] for a text longer than the context (with neither
-/// option, or with a `max_tokens` above GPT-2's `n_positions`); [`Error::InvalidInput`] for a
-/// text with no tokens, `batch_size`/`max_tokens` 0, a `stride` not below the window, or a
+/// option, or with a `max_tokens` above GPT-2's `n_positions`); [`Error::NothingToScore`] for a
+/// text with fewer than two tokens; [`Error::InvalidInput`] for `batch_size` 0, `max_tokens`
+/// below 2, a `stride` not below the window, or a
 /// window above GPT-2's `n_positions`; as [`score_ids`].
 pub fn score_texts<M: CausalLm + ?Sized>(
     model: &M,
@@ -256,8 +259,12 @@ pub fn score_texts<M: CausalLm + ?Sized>(
     if opts.batch_size == 0 {
         return Err(Error::invalid(OP, "batch_size", "must be positive"));
     }
-    if opts.max_tokens == Some(0) {
-        return Err(Error::invalid(OP, "max_tokens", "must be positive"));
+    if opts.max_tokens.is_some_and(|n| n < 2) {
+        return Err(Error::invalid(
+            OP,
+            "max_tokens",
+            "must be at least 2 (the first token of a text is only context)",
+        ));
     }
     let (context, field) = context_length(model.config());
     // GPT-2 has no position embedding past its context; RoPE models can be asked to go beyond.
@@ -302,8 +309,14 @@ pub fn score_texts<M: CausalLm + ?Sized>(
         {
             ids.insert(0, b);
         }
-        if ids.is_empty() {
-            return Err(Error::invalid(OP, "texts", format!("text {i} has no tokens")));
+        if ids.len() < 2 {
+            // The first token is only context: a perplexity over no tokens is undefined (not 1).
+            return Err(Error::NothingToScore {
+                op: OP,
+                index: i,
+                tokens: ids.len(),
+                with_bos: bos.is_some(),
+            });
         }
         let mut dropped = 0;
         if window.is_none() {

@@ -658,11 +658,48 @@ fn max_tokens_keeps_the_first_tokens_and_says_how_many_were_cut() {
     let s = score_texts(&llama, &[&long], &opts).unwrap();
     assert_eq!((s[0].token_ids.len(), s[0].count()), (150, 149));
     assert!(s[0].logprobs.iter().all(|x| x.is_finite()));
-    let opts = ScoreOptions { max_tokens: Some(0), ..Default::default() };
-    assert!(matches!(
-        score_texts(&model, &["the cat"], &opts).unwrap_err(),
-        Error::InvalidInput { name: "max_tokens", .. }
-    ));
+    for cap in [0, 1] {
+        let opts = ScoreOptions { max_tokens: Some(cap), ..Default::default() };
+        assert!(matches!(
+            score_texts(&model, &["the cat"], &opts).unwrap_err(),
+            Error::InvalidInput { name: "max_tokens", .. }
+        ));
+    }
+}
+
+#[test]
+fn texts_with_nothing_to_score_are_refused_not_given_perplexity_one() {
+    use amend_models::{ScoreOptions, TokenScores, corpus_perplexity, score_texts};
+    for name in ["gpt2", "llama"] {
+        let model = load(model_dir(name), &LoadOptions::default()).unwrap();
+        // Without the tokenizer's special tokens, so that "a" is one token on both models.
+        let plain = ScoreOptions { add_special_tokens: false, ..Default::default() };
+        let tok = model.tokenizer().unwrap();
+        let one = (b'a'..=b'z')
+            .map(|c| (c as char).to_string())
+            .find(|t| tok.encode(t, false).unwrap().len() == 1)
+            .expect("a one-letter text of one token");
+        let bos = ScoreOptions { prepend_bos: true, ..plain };
+        for (text, opts, tokens, needle) in [
+            ("", plain, 0, "has 0 tokens (after tokenisation): nothing to score"),
+            (one.as_str(), plain, 1, "has 1 token (after tokenisation): nothing to score"),
+            ("", bos, 1, "has 1 token (including the prepended BOS)"),
+        ] {
+            // The bad text is the second one; the first is fine.
+            let e = score_texts(&model, &["the cat sat", text], &opts).unwrap_err();
+            let msg = e.to_string();
+            match e {
+                Error::NothingToScore { index: 1, tokens: t, .. } if t == tokens => {}
+                e => panic!("{name} {text:?}: {e:?}"),
+            }
+            assert!(msg.contains("text 1") && msg.contains(needle), "{name}: {msg}");
+        }
+    }
+    // Means over no tokens are undefined, not perfect.
+    let empty = TokenScores { token_ids: vec![3], first_scored: 1, logprobs: vec![], truncated: 0 };
+    assert!(empty.mean_nll().is_nan() && empty.perplexity().is_nan());
+    assert!(corpus_perplexity(&[empty]).is_nan());
+    assert!(corpus_perplexity(&[]).is_nan());
 }
 
 #[test]
