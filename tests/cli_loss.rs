@@ -305,7 +305,10 @@ fn bad_input_fails_with_a_clear_message() {
     fails(&["loss", "nll", "--inputs", i, "--out", o], "mask");
     let r = amend(&["loss", "nll", "--inputs", i, "--out", o]);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("2"), "the message names the bad value: {err}");
+    assert!(
+        err.contains("must be 0 or 1 (or bool); 1 entries are not, the first is 2 at [0, 1]"),
+        "{err}"
+    );
     // A knob the compute dtype cannot hold: alpha = 1e300 is infinite in f32.
     write(
         &inputs,

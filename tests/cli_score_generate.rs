@@ -290,4 +290,17 @@ fn non_finite_weights_are_refused_naming_file_and_tensor_unless_allowed() {
         let out = amend(&allowed);
         assert!(out.status.success(), "{allowed:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // The edit commands load the same way, and refuse before any work (nothing written).
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    let (pairs, edits) = (examples.join("profs_pairs.jsonl"), examples.join("edits.jsonl"));
+    let out = tmp.path().join("edited");
+    let o = out.to_str().unwrap();
+    for args in [
+        vec!["edit", "project", "--model", d, "--pairs", pairs.to_str().unwrap(), "--out", o],
+        vec!["edit", "finetune", "--model", d, "--edits", edits.to_str().unwrap(), "--out", o],
+    ] {
+        let err = stderr(&amend(&args));
+        assert!(err.contains(&format!("tensor `{full}` holds 1 non-finite value")), "{err}");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    }
 }

@@ -195,7 +195,8 @@ pub enum Error {
     /// model's logits stopped being finite. The learning rate is the usual cause, so the message
     /// names it (the data and the starting model were fine at step 0).
     #[error(
-        "{op}: training diverged after {step} optimizer steps ({what}) at a peak learning rate of {lr:e}; lower the learning rate (`lr`, --lr on the command line)"
+        "{op}: training diverged after {step} optimizer step{} ({what}) at a peak learning rate of {lr:e}; lower the learning rate (`lr`, --lr on the command line)",
+        if *step == 1 { "" } else { "s" }
     )]
     Diverged {
         /// The operation.

@@ -488,7 +488,7 @@ fn check_finite_weight(file: &Path, name: &str, stored: &Tensor, converted: &Ten
     }
     let bad = converted.f_isfinite()?.f_logical_not()?;
     let count = i64::try_from(bad.f_sum(Kind::Int64)?)?;
-    let flat_first = i64::try_from(bad.f_flatten(0, -1)?.f_argmax(0, false)?)?;
+    let flat_first = i64::try_from(bad.f_flatten(0, -1)?.f_nonzero()?.f_get(0)?.f_get(0)?)?;
     // The multi-index of the first offending entry, row-major.
     let mut index = vec![0i64; converted.dim()];
     let mut rest = flat_first;

@@ -152,7 +152,7 @@ pub fn check_model_fits(cfg: &ModelConfig, kind: Kind, path: &Path) -> Result<()
         path: path.to_path_buf(),
         parameters,
         bytes,
-        dtype: format!("{kind:?}"),
+        dtype: crate::model::kind_name(kind).to_string(),
         memory,
         fields,
     })

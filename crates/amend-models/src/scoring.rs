@@ -141,7 +141,9 @@ pub fn corpus_perplexity(scores: &[TokenScores]) -> f64 {
 /// (clamped to ≥ 1) given the tokens before it.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for empty sequences or mismatched lengths; errors of the forward pass.
+/// [`Error::InvalidInput`] for empty sequences or mismatched lengths; [`Error::TooLong`] for a
+/// sequence longer than GPT-2's `n_positions` (before any forward pass); errors of the forward
+/// pass.
 pub fn score_ids<M: CausalLm + ?Sized>(
     model: &M,
     seqs: &[Vec<u32>],
@@ -157,6 +159,14 @@ pub fn score_ids<M: CausalLm + ?Sized>(
     }
     if batch_size == 0 {
         return Err(Error::invalid("score_ids", "batch_size", "must be positive"));
+    }
+    // GPT-2 has no position past `n_positions`: refuse before any forward pass (a RoPE model
+    // may be run past its context on purpose, as with `ScoreOptions::max_tokens`).
+    if let Some(limit) = model.config().max_positions() {
+        let (context, field) = context_length(model.config());
+        if let Some((index, s)) = seqs.iter().enumerate().find(|(_, s)| s.len() > limit) {
+            return Err(Error::TooLong { op: "score_ids", index, tokens: s.len(), context, field });
+        }
     }
     score_batches(model, seqs, first_scored, batch_size, None)
 }
@@ -410,7 +420,7 @@ fn windows(n: usize, window: usize, stride: usize) -> Vec<(usize, usize, usize)>
 ///
 /// # Errors
 /// [`Error::NoTokenizer`]; [`Error::InvalidInput`] for an empty prompt or continuation; as
-/// [`score_ids`].
+/// [`score_ids`] ([`Error::TooLong`] for a pair longer than GPT-2's `n_positions`).
 pub fn score_continuations<M: CausalLm + ?Sized>(
     model: &M,
     pairs: &[(&str, &str)],

@@ -629,6 +629,17 @@ fn texts_longer_than_the_context_are_refused_naming_text_length_and_field() {
         let ids = ids_of(&model, &long);
         let s = amend_models::score_ids(&model, &[ids[..context].to_vec()], &[1], 1).unwrap();
         assert_eq!(s[0].count(), context - 1);
+        // One more token: GPT-2 has no position for it, so the id-level functions refuse too
+        // (a RoPE model may run past its context on purpose).
+        let over = amend_models::score_ids(&model, &[ids[..context + 1].to_vec()], &[1], 1);
+        let pairs = [("the cat", long.as_str())];
+        let cont = amend_models::score_continuations(&model, &pairs, &ScoreOptions::default());
+        if name == "gpt2" {
+            assert!(matches!(over, Err(Error::TooLong { index: 0, field: "n_positions", .. })));
+            assert!(matches!(cont, Err(Error::TooLong { field: "n_positions", .. })), "{cont:?}");
+        } else {
+            assert!(over.is_ok() && cont.is_ok(), "{name}");
+        }
         assert_eq!(amend_models::context_length(model.config()), (context, field));
     }
 }

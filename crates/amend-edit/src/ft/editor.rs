@@ -433,8 +433,16 @@ pub fn train_rows<M: CausalLm + ?Sized>(
             let diverged =
                 |what: String| Error::Diverged { op: OP, step: steps, lr: recipe.lr, what };
             let loss = match batch_loss(&*model, &batch, recipe.objective, recipe.reduction) {
-                Err(Error::Loss(e @ amend_losses::Error::NonFiniteLogits { .. })) if steps > 0 => {
-                    return Err(diverged(format!("the model's logits: {e}")));
+                Err(Error::Loss(amend_losses::Error::NonFiniteLogits {
+                    what,
+                    count,
+                    index,
+                    ..
+                })) if steps > 0 => {
+                    return Err(diverged(format!(
+                        "the model's logits are not finite at {count} positions; the first, \
+                         {index:?}, {what}"
+                    )));
                 }
                 r => r?,
             };
