@@ -498,10 +498,8 @@ fn check_finite_weight(file: &Path, name: &str, stored: &Tensor, converted: &Ten
     }
     let value = converted.f_flatten(0, -1)?.f_double_value(&[flat_first])?;
     let stored_finite = bool::try_from(stored.f_isfinite()?.f_all()?)?;
-    let overflow = stored_finite.then(|| {
-        let name = crate::model::kind_name;
-        (name(stored.kind()).to_string(), name(converted.kind()).to_string())
-    });
+    let dtype = crate::model::kind_name;
+    let overflow = stored_finite.then(|| (dtype(stored.kind()), dtype(converted.kind())));
     Err(Error::NonFiniteWeights {
         path: file.to_path_buf(),
         name: name.to_string(),

@@ -232,7 +232,7 @@ pub enum Error {
         value: f64,
         /// `(stored dtype, load dtype)` when the stored values are finite and the conversion
         /// overflowed.
-        overflow: Option<(String, String)>,
+        overflow: Option<(&'static str, &'static str)>,
     },
     /// A text has fewer than two tokens, so no token of it can be scored (the first token is
     /// only context); a perplexity over no tokens is undefined.

@@ -801,3 +801,43 @@ fn header_over_the_cap_and_gaps_between_tensors_are_described() {
         "{msg}"
     );
 }
+
+#[test]
+fn non_finite_weights_are_refused_at_load_or_loaded_on_request() {
+    use amend_models::NonFiniteWeights;
+    for name in ["gpt2", "llama"] {
+        let tmp = copy_to_temp(&model_dir(name));
+        let file = tmp.path().join("model.safetensors");
+        let mut tensors = Tensor::read_safetensors(&file).unwrap();
+        let (key, t) = tensors.iter_mut().find(|(_, t)| t.dim() == 2).unwrap();
+        let key = key.clone();
+        let _ = t.get(1).get(2).fill_(f64::INFINITY);
+        let _ = t.get(2).get(0).fill_(f64::NAN);
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        match load(tmp.path(), &LoadOptions::default()).map(|_| ()).unwrap_err() {
+            Error::NonFiniteWeights { path, name: n, count, index, value, overflow } => {
+                assert_eq!(path, file.canonicalize().unwrap(), "{name}");
+                assert_eq!((n, count, index, overflow), (key.clone(), 2, vec![1, 2], None));
+                assert_eq!(value, f64::INFINITY);
+            }
+            e => panic!("{name}: {e:?}"),
+        }
+        let opts = LoadOptions { non_finite: NonFiniteWeights::Propagate, ..Default::default() };
+        assert!(load(tmp.path(), &opts).is_ok(), "{name}: loads on request");
+
+        // Finite f32 values too large for f16: an overflow of the load dtype, said as such.
+        let mut tensors = Tensor::read_safetensors(&file).unwrap();
+        let t = &mut tensors.iter_mut().find(|(k, _)| *k == key).unwrap().1;
+        let _ = t.fill_(0.01);
+        let _ = t.get(0).get(1).fill_(1e6);
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        let half = LoadOptions::default().with_kind(Kind::Half);
+        let e = load(tmp.path(), &half).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(&e, Error::NonFiniteWeights { overflow: Some(("float32", "float16")), .. }),
+            "{name}: {e:?}"
+        );
+        assert!(e.to_string().contains("too large for float16"), "{e}");
+        assert!(load(tmp.path(), &LoadOptions::default()).is_ok(), "{name}: fine in f32");
+    }
+}
