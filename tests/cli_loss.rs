@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amend::losses::Reduction;
-use amend::losses::sequence::{DpoConfig, SeqLogps, dpo_loss};
+use amend::losses::sequence::{
+    CandidateSet, CpConfig, CpGroups, DpoConfig, NeatConfig, RrhfConfig, SeqLogps,
+    contrastive_perplexity_loss, dpo_loss, neat_loss, rrhf_loss,
+};
 use amend::losses::token::{
     NllConfig, RefKlConfig, TntConfig, TntVariant, TokenWeights, nll_loss, reference_kl_loss,
     tnt_loss,
@@ -240,12 +243,117 @@ fn list_names_every_loss_and_its_inputs() {
         "npo",
         "simnpo",
         "gradient_ascent",
+        "contrastive_perplexity",
+        "rrhf",
+        "neat",
         "ref_logits",
         "prompt_mask",
         "chosen_logps",
+        "phi_pos",
+        "origin",
     ] {
         assert!(text.contains(name), "--list does not mention {name}:\n{text}");
     }
+    // Each loss says what it is called in its paper and in TRL / Liger / open-unlearning.
+    let blocks = text.split("\n\n").filter(|b| b.contains("; config ")).count();
+    assert_eq!(text.matches("    known as: ").count(), blocks, "{text}");
+    for name in ["TRL DPOTrainer", "LigerFusedLinearSimPOLoss", "open-unlearning NPO", "2304.05302"]
+    {
+        assert!(text.contains(name), "--list does not mention {name}:\n{text}");
+    }
+}
+
+#[test]
+fn group_losses_match_the_library() {
+    let dir = Scratch::new("groups");
+    // Contrastive perplexity: two anchors, a missing positive, random negatives.
+    let pos = Tensor::from_slice(&[2.0f64, 1.5, 1.0, 9.0]).view([2, 2]);
+    let mask_pos = Tensor::from_slice(&[1i64, 1, 1, 0]).view([2, 2]);
+    let neg = Tensor::from_slice(&[3.0f64, 4.0 / 3.0, 0.5, 2.5]).view([2, 2]);
+    let rnd = Tensor::from_slice(&[5.0f64, 0.25]).view([2, 1]);
+    let inputs = dir.path("cp.safetensors");
+    write(
+        &inputs,
+        &[("phi_pos", &pos), ("mask_pos", &mask_pos), ("phi_neg", &neg), ("phi_rnd", &rnd)],
+    );
+    let cfg = dir.path("cp.json");
+    std::fs::write(&cfg, r#"{"tau": 0.5, "alpha": 2.0}"#).unwrap();
+    let out = dir.path("cp_out.safetensors");
+    let (i, o, c) = (inputs.to_str().unwrap(), out.to_str().unwrap(), cfg.to_str().unwrap());
+    ok(&amend(&["loss", "cp", "--config", c, "--inputs", i, "--out", o]));
+    let got = read(&out);
+    let leaves: Vec<Tensor> =
+        [&pos, &neg, &rnd].iter().map(|t| t.copy().set_requires_grad(true)).collect();
+    let groups = CpGroups {
+        phi_pos: &leaves[0],
+        mask_pos: Some(&mask_pos),
+        phi_neg: &leaves[1],
+        mask_neg: None,
+        phi_rnd: Some(&leaves[2]),
+        mask_rnd: None,
+    };
+    let cp_cfg: CpConfig = serde_json::from_str(r#"{"tau": 0.5, "alpha": 2.0}"#).unwrap();
+    let lib = contrastive_perplexity_loss(&groups, &cp_cfg).unwrap();
+    lib.loss.backward();
+    same("cp loss", &got["loss"], &lib.loss.detach());
+    same("cp per-anchor", &got["per_example"], &lib.per_example.detach());
+    for (name, leaf) in ["phi_pos", "phi_neg", "phi_rnd"].iter().zip(&leaves) {
+        same(&format!("cp grad {name}"), &got[&format!("grad.{name}")], &leaf.grad());
+    }
+    // The missing positive gets no gradient.
+    assert_eq!(vals(&got["grad.phi_pos"])[3], 0.0);
+
+    // RRHF and NEAT on one group of six candidates (NEAT's worked example) and a ragged group.
+    let logps = Tensor::from_slice(&[
+        -3.5f64, -0.6, -0.8, -2.0, -0.5, -2.1, -1.0, -4.0, -2.0, 0.0, 0.0, 0.0,
+    ])
+    .view([2, 6]);
+    let lens = Tensor::from_slice(&[3i64, 2, 4, 2, 2, 3, 1, 2, 2, 1, 1, 1]).view([2, 6]);
+    let rewards =
+        Tensor::from_slice(&[0.5f64, 2.0, 1.0, 2.0, 0.0, 0.0, 1.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+            .view([2, 6]);
+    let mask = Tensor::from_slice(&[1u8, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([2, 6]);
+    let origin = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2, 0, 0, 1, 0, 0, 0]).view([2, 6]);
+    for name in ["rrhf", "neat"] {
+        let inputs = dir.path(&format!("{name}.safetensors"));
+        let mut tensors =
+            vec![("logps", &logps), ("lens", &lens), ("rewards", &rewards), ("mask", &mask)];
+        if name == "neat" {
+            tensors.push(("origin", &origin));
+        }
+        write(&inputs, &tensors);
+        let out = dir.path(&format!("{name}_out.safetensors"));
+        ok(&amend(&[
+            "loss",
+            name,
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let got = read(&out);
+        let leaf = logps.copy().set_requires_grad(true);
+        let cands = CandidateSet::new(&leaf, &lens, &rewards).unwrap().with_mask(&mask).unwrap();
+        let lib = if name == "rrhf" {
+            rrhf_loss(&cands, &RrhfConfig::default()).unwrap()
+        } else {
+            neat_loss(&cands.with_origin(&origin).unwrap(), &NeatConfig::default()).unwrap()
+        };
+        lib.loss.backward();
+        same(&format!("{name} loss"), &got["loss"], &lib.loss.detach());
+        same(&format!("{name} per-group"), &got["per_example"], &lib.per_example.detach());
+        same(&format!("{name} grad"), &got["grad.logps"], &leaf.grad());
+        // The padding slots get no gradient.
+        assert!(vals(&got["grad.logps"])[9..].iter().all(|&g| g == 0.0), "{name}");
+    }
+    // NEAT without origins is RRHF (spec): the two commands agree.
+    let inputs = dir.path("plain.safetensors");
+    write(&inputs, &[("logps", &logps), ("lens", &lens), ("rewards", &rewards), ("mask", &mask)]);
+    let (a, b) = (dir.path("a.safetensors"), dir.path("b.safetensors"));
+    let i = inputs.to_str().unwrap();
+    ok(&amend(&["loss", "rrhf", "--inputs", i, "--out", a.to_str().unwrap()]));
+    ok(&amend(&["loss", "neat", "--inputs", i, "--out", b.to_str().unwrap()]));
+    same("neat = rrhf without origins", &read(&b)["loss"], &read(&a)["loss"]);
 }
 
 #[test]

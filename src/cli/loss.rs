@@ -10,9 +10,10 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use amend::losses::sequence::{
-    DpoConfig, GradientAscentConfig, KtoConfig, KtoReferencePoint, NpoConfig, OrpoConfig, SeqLogps,
-    SeqLogpsConfig, SimNpoConfig, SimPoConfig, dpo_loss, gradient_ascent_loss, kto_loss, npo_loss,
-    orpo_loss, seq_logps, simnpo_loss, simpo_loss,
+    CandidateSet, CpConfig, CpGroups, DpoConfig, GradientAscentConfig, KtoConfig,
+    KtoReferencePoint, NeatConfig, NpoConfig, OrpoConfig, RrhfConfig, SeqLogps, SeqLogpsConfig,
+    SimNpoConfig, SimPoConfig, contrastive_perplexity_loss, dpo_loss, gradient_ascent_loss,
+    kto_loss, neat_loss, npo_loss, orpo_loss, rrhf_loss, seq_logps, simnpo_loss, simpo_loss,
 };
 use amend::losses::token::{
     Candidates, NlConfig, NllConfig, RefKlConfig, SeqUlMask, SequenceUlConfig, TntConfig,
@@ -45,7 +46,7 @@ use amend::losses::{LossOutput, Metrics};
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct LossArgs {
-    /// The loss (see --list), e.g. tnt, tnff, nll, welleck_ul, reference_kl, dpo, simpo.
+    /// The loss (see --list), e.g. tnt, tnff, nll, welleck_ul, reference_kl, dpo, simpo, rrhf.
     #[arg(value_name = "NAME", required_unless_present = "list")]
     pub name: Option<String>,
     /// JSON file with the loss's config (default: the loss's defaults).
@@ -87,6 +88,8 @@ struct Spec {
     aliases: &'static [&'static str],
     config: &'static str,
     about: &'static str,
+    /// The loss's name in its paper and in the Python libraries users come from.
+    known_as: &'static str,
     inputs: &'static [Input],
 }
 
@@ -102,6 +105,7 @@ const SPECS: &[Spec] = &[
         aliases: &["tnff", "tnrr", "tnrf", "tnfll", "tnrll"],
         config: "TntConfig",
         about: "Targeted Negative Training (the alias sets `variant`)",
+        known_as: "TNT, Zhang et al. arXiv 2406.13660 (reference code google/t5patches)",
         inputs: &[LOGITS, REF_LOGITS, LABELS, WEIGHTS],
     },
     Spec {
@@ -109,6 +113,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "NlConfig",
         about: "negative likelihood on annotated tokens",
+        known_as: "the TNT paper's negative-likelihood baseline",
         inputs: &[LOGITS, LABELS, WEIGHTS],
     },
     Spec {
@@ -116,6 +121,7 @@ const SPECS: &[Spec] = &[
         aliases: &["ul"],
         config: "UlAnnotatedConfig",
         about: "unlikelihood on annotated tokens",
+        known_as: "the TNT paper's unlikelihood baseline (annotated tokens)",
         inputs: &[LOGITS, LABELS, WEIGHTS],
     },
     Spec {
@@ -123,6 +129,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "WelleckUlConfig",
         about: "Welleck token-level unlikelihood (previous-context or explicit candidates)",
+        known_as: "token-level unlikelihood, Welleck et al. arXiv 1908.04319",
         inputs: &[
             LOGITS,
             LABELS,
@@ -135,6 +142,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "SequenceUlConfig",
         about: "sequence-level unlikelihood on repeated n-grams of a continuation",
+        known_as: "sequence-level unlikelihood, Welleck et al. arXiv 1908.04319",
         inputs: &[
             LOGITS,
             req("continuation", "[B, T] integer, the continuation tokens the logits score"),
@@ -147,6 +155,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "NllConfig",
         about: "token cross-entropy",
+        known_as: "cross-entropy: TRL SFTTrainer's loss, Liger LigerCrossEntropyLoss",
         inputs: &[LOGITS, LABELS, MASK],
     },
     Spec {
@@ -154,6 +163,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "NllConfig",
         about: "token cross-entropy with the prompt masked",
+        known_as: "TRL SFT with completion_only_loss; the editing papers' FT objective",
         inputs: &[LOGITS, LABELS, req("prompt_mask", "[B, T] bool or 0/1, true on the prompt")],
     },
     Spec {
@@ -161,6 +171,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "RefKlConfig",
         about: "forward or reverse KL to a reference model, per token",
+        known_as: "per-token KL to a reference: open-unlearning's KL retain term, distillation",
         inputs: &[
             LOGITS,
             REF_LOGITS,
@@ -173,6 +184,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "SeqLogpsConfig",
         about: "per-sequence log-probs of the response tokens (S, n, per-token)",
+        known_as: "TRL concatenated_forward / get_batch_logps log-prob sums",
         inputs: &[
             req("logits", "[B, T, V] float, unshifted"),
             req("input_ids", "[B, T] integer"),
@@ -184,6 +196,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "DpoConfig",
         about: "DPO family (sigmoid, ipo, hinge, robust, ...: `loss_type`)",
+        known_as: "TRL DPOTrainer (loss_type), Liger LigerFusedLinearDPOLoss",
         inputs: &[
             req("chosen_logps", "[B] float, summed policy log-probs of the chosen responses"),
             req("rejected_logps", "[B] float"),
@@ -198,6 +211,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "SimPoConfig",
         about: "SimPO (length-normalised, reference-free)",
+        known_as: "SimPO, Meng et al. arXiv 2405.14734; TRL CPOTrainer loss_type=simpo; Liger LigerFusedLinearSimPOLoss",
         inputs: &[
             req("chosen_logps", "[B] float"),
             req("rejected_logps", "[B] float"),
@@ -210,6 +224,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "OrpoConfig",
         about: "ORPO (odds ratio plus NLL)",
+        known_as: "ORPO, Hong et al. arXiv 2403.07691; TRL ORPOTrainer; Liger LigerFusedLinearORPOLoss",
         inputs: &[
             req("chosen_logps", "[B] float"),
             req("rejected_logps", "[B] float"),
@@ -224,6 +239,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "KtoConfig",
         about: "KTO (reference point given or estimated from mismatched pairs)",
+        known_as: "KTO, Ethayarajh et al. arXiv 2402.01306; TRL KTOTrainer; Liger LigerFusedLinearKTOLoss",
         inputs: &[
             req("policy_logps", "[B] float"),
             req("ref_logps", "[B] float (constant)"),
@@ -239,6 +255,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "NpoConfig",
         about: "NPO (negative preference optimisation, optional retain term)",
+        known_as: "NPO, Zhang et al. arXiv 2404.05868; open-unlearning NPO",
         inputs: &[
             req("forget_logps", "[B] float"),
             req("ref_forget_logps", "[B] float (constant)"),
@@ -252,6 +269,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "SimNpoConfig",
         about: "SimNPO (length-normalised, reference-free NPO)",
+        known_as: "SimNPO, Fan et al. arXiv 2410.07163; open-unlearning SimNPO",
         inputs: &[
             req("forget_logps", "[B] float"),
             req("forget_lens", "[B] integer"),
@@ -264,6 +282,7 @@ const SPECS: &[Spec] = &[
         aliases: &[],
         config: "GradientAscentConfig",
         about: "gradient ascent on the forget set (optional retain term)",
+        known_as: "open-unlearning GradAscent (GradDiff with a retain term)",
         inputs: &[
             req("forget_logps", "[B] float"),
             opt("forget_lens", "[B] integer (default 1)"),
@@ -271,7 +290,57 @@ const SPECS: &[Spec] = &[
             opt("retain_lens", "[R] integer (default 1)"),
         ],
     },
+    Spec {
+        name: "contrastive_perplexity",
+        aliases: &["cp"],
+        config: "CpConfig",
+        about: "contrastive perplexity over anchors' positive and negative paraphrases",
+        known_as: "contrastive perplexity, Klein & Nabi arXiv 2401.08491 (form = paper or reference)",
+        inputs: &[
+            req("phi_pos", "[G, P] float, phi of each anchor's positives (cp_phi)"),
+            req("phi_neg", "[G, N] float, phi of its hard negatives (N may be 0)"),
+            opt("mask_pos", "[G, P] bool or 0/1, which positives exist (default: all)"),
+            opt("mask_neg", "[G, N] bool or 0/1 (default: all)"),
+            opt("phi_rnd", "[G, R] float, phi of random negatives"),
+            opt("mask_rnd", "[G, R] bool or 0/1 (default: all)"),
+        ],
+    },
+    Spec {
+        name: "rrhf",
+        aliases: &[],
+        config: "RrhfConfig",
+        about: "RRHF ranking (hinge on length-normalised log-probs) plus SFT on the best",
+        known_as: "RRHF, Yuan et al. arXiv 2304.05302 (reference code GanjinZero/RRHF)",
+        inputs: &[CAND_LOGPS, CAND_LENS, CAND_REWARDS, CAND_MASK],
+    },
+    Spec {
+        name: "neat",
+        aliases: &[],
+        config: "NeatConfig",
+        about: "NEAT: RRHF with policy and negative-prompt candidates",
+        known_as: "NEAT, Qiao et al. arXiv 2410.12194 (negative-prompt-driven alignment)",
+        inputs: &[
+            CAND_LOGPS,
+            CAND_LENS,
+            req(
+                "rewards",
+                "[G, K] float (read only for ranking; NegPrompt slots may be anything under forced_lowest)",
+            ),
+            CAND_MASK,
+            opt(
+                "origin",
+                "[G, K] integer: 0 dataset, 1 policy sample, 2 negative-prompt sample (default: all 0)",
+            ),
+        ],
+    },
 ];
+
+const CAND_LOGPS: Input =
+    req("logps", "[G, K] float, summed response log-probs S of each candidate");
+const CAND_LENS: Input = req("lens", "[G, K] integer, scored tokens n of each candidate");
+const CAND_REWARDS: Input = req("rewards", "[G, K] float, only their order within a group matters");
+const CAND_MASK: Input =
+    opt("mask", "[G, K] bool or 0/1, which slots hold a candidate (default: all)");
 
 fn find(name: &str) -> Option<&'static Spec> {
     let lower = name.to_ascii_lowercase();
@@ -287,6 +356,7 @@ fn list() -> String {
             format!(" (also: {})", spec.aliases.join(", "))
         };
         s += &format!("\n{}{aliases}: {}; config {}\n", spec.name, spec.about, spec.config);
+        s += &format!("    known as: {}\n", spec.known_as);
         for i in spec.inputs {
             let tag = if i.required { "required" } else { "optional" };
             s += &format!("    {:<20} {tag:<8}  {}\n", i.name, i.doc);
@@ -547,6 +617,45 @@ fn run_loss(spec: &'static Spec, alias: &str, inp: &Inputs, cfg: Option<&Path>) 
                 leaves.push(("retain_logps", l));
             }
             Run { out, leaves, extra: vec![] }
+        }
+        "contrastive_perplexity" => {
+            let c: CpConfig = config(cfg)?;
+            let pos = inp.leaf("phi_pos")?;
+            let neg = inp.leaf("phi_neg")?;
+            let rnd = match inp.get("phi_rnd") {
+                Some(_) => Some(inp.leaf("phi_rnd")?),
+                None => None,
+            };
+            let groups = CpGroups {
+                phi_pos: &pos,
+                mask_pos: inp.get("mask_pos"),
+                phi_neg: &neg,
+                mask_neg: inp.get("mask_neg"),
+                phi_rnd: rnd.as_ref(),
+                mask_rnd: inp.get("mask_rnd"),
+            };
+            let out = contrastive_perplexity_loss(&groups, &c)?;
+            let mut leaves = vec![("phi_pos", pos), ("phi_neg", neg)];
+            if let Some(r) = rnd {
+                leaves.push(("phi_rnd", r));
+            }
+            Run { out, leaves, extra: vec![] }
+        }
+        "rrhf" | "neat" => {
+            let logps = inp.leaf("logps")?;
+            let mut cands = CandidateSet::new(&logps, inp.req("lens")?, inp.req("rewards")?)?;
+            if let Some(m) = inp.get("mask") {
+                cands = cands.with_mask(m)?;
+            }
+            let out = if spec.name == "rrhf" {
+                rrhf_loss(&cands, &config::<RrhfConfig>(cfg)?)?
+            } else {
+                if let Some(o) = inp.get("origin") {
+                    cands = cands.with_origin(o)?;
+                }
+                neat_loss(&cands, &config::<NeatConfig>(cfg)?)?
+            };
+            Run { out, leaves: vec![("logps", logps)], extra: vec![] }
         }
         "simnpo" | "gradient_ascent" => {
             let (f, lf) = inp.seq("forget_logps", "forget_lens")?;
