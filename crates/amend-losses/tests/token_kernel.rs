@@ -696,3 +696,30 @@ fn kernel_results_do_not_depend_on_the_thread_count() -> Result<()> {
     assert_eq!(runs[0], runs[2]);
     Ok(())
 }
+
+#[test]
+fn tnt_metrics_can_be_skipped_without_changing_the_loss_or_its_gradient() -> Result<()> {
+    tch::manual_seed(11);
+    let z = Tensor::randn([2, 5, 17], (Kind::Float, tch::Device::Cpu)) * 3.0;
+    let zo = Tensor::randn([2, 5, 17], (Kind::Float, tch::Device::Cpu)) * 3.0;
+    let y = Tensor::randint(17, [2, 5], (Kind::Int64, tch::Device::Cpu));
+    let w = TokenWeights::new(
+        &Tensor::from_slice(&[1i64, -1, 0, 1, -1, -1, 1, 1, 0, -1]).view([2, 5]),
+    )?;
+    for backend in [TokenBackend::Kernel, TokenBackend::Composite] {
+        for variant in [TntVariant::Ff, TntVariant::Rr, TntVariant::Rll] {
+            let cfg = TntConfig::new(variant).with_alpha(2.0).with_backend(backend);
+            let (a, ga) = loss_and_grad(&z, |z| tnt_loss(z, &zo, &y, &w, &cfg))?;
+            let (b, gb) =
+                loss_and_grad(&z, |z| tnt_loss(z, &zo, &y, &w, &cfg.clone().with_metrics(false)))?;
+            let what = format!("{backend:?} {variant:?}");
+            // Bitwise: the metrics never feed the loss.
+            assert_eq!(vals(&a.loss), vals(&b.loss), "{what}");
+            assert_eq!(ga, gb, "{what} grad");
+            assert_eq!(a.count(), b.count(), "{what}");
+            assert!(a.metrics.get("tnt/neg_kl").is_some(), "{what}");
+            assert!(b.metrics.iter().next().is_none(), "{what}: metrics were computed");
+        }
+    }
+    Ok(())
+}

@@ -135,6 +135,11 @@ pub struct TntConfig {
     pub non_finite: NonFinitePolicy,
     /// Gradient path (default: automatic).
     pub backend: TokenBackend,
+    /// Compute the `tnt/*` metrics (default `true`). On the fused kernel they cost value-only
+    /// passes over the logits and the reference logits besides the loss's own sweep; a training
+    /// loop that does not log them every step sets this to `false` (the loss, its gradient and
+    /// the part counts are the same either way).
+    pub metrics: bool,
 }
 
 impl Default for TntConfig {
@@ -146,6 +151,7 @@ impl Default for TntConfig {
             reduction: Reduction::Sum,
             non_finite: NonFinitePolicy::Error,
             backend: TokenBackend::Auto,
+            metrics: true,
         }
     }
 }
@@ -196,6 +202,12 @@ impl TntConfig {
     /// Sets [`TntConfig::backend`].
     pub fn with_backend(mut self, backend: TokenBackend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Sets [`TntConfig::metrics`].
+    pub fn with_metrics(mut self, metrics: bool) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -377,7 +389,8 @@ pub(crate) fn tnt_metrics(rows: &Rows, row_loss: &Tensor, sink: &mut MetricSink)
 /// that are still the argmax, i.e. greedy decoding would emit them), `tnt/neg_kl` (`KL(q‖p)` at
 /// negatives: distance to the ideal target), `tnt/pos_kl` (`KL(p°‖p)` at positives: drift on
 /// non-negative positions), `tnt/pos_top1_agreement` (argmax unchanged at positives),
-/// `tnt/neg_loss` and `tnt/pos_loss` (mean token loss of each branch, `α` included).
+/// `tnt/neg_loss` and `tnt/pos_loss` (mean token loss of each branch, `α` included). With
+/// [`TntConfig::metrics`] `= false` none are computed (the fastest training step on the kernel).
 ///
 /// # Shapes
 ///
@@ -433,7 +446,7 @@ pub fn tnt_loss(
     let rows_loss = TntRows { variant: cfg.variant, alpha: cfg.alpha, eps: cfg.smoothing_eps };
     let mut sink = MetricSink::default();
     let row_loss = eval_rows(&rows_loss, &prep.rows, cfg.backend, &mut |rows, values| {
-        tnt_metrics(rows, values, &mut sink)
+        if cfg.metrics { tnt_metrics(rows, values, &mut sink) } else { Ok(()) }
     })?;
     let tok = token_losses(&prep, &row_loss)?;
     check_overflow(OP, &tok, cfg.non_finite, &[logits, ref_logits])?;
@@ -484,17 +497,19 @@ fn tnt_kernel(
     };
     let tok = inject(logits, &fused, &plan.active, plan.count)?;
     let mut sink = MetricSink::default();
-    let neg = weights.negative_mask()?;
-    let stats = TntKernelStats::new(
-        op,
-        logits,
-        ref_logits,
-        &plan.labels,
-        &neg,
-        &plan.active,
-        fused.stats.masked_vocab_rows,
-    )?;
-    stats.record(&fused.values, &mut sink)?;
+    if cfg.metrics {
+        let neg = weights.negative_mask()?;
+        let stats = TntKernelStats::new(
+            op,
+            logits,
+            ref_logits,
+            &plan.labels,
+            &neg,
+            &plan.active,
+            fused.stats.masked_vocab_rows,
+        )?;
+        stats.record(&fused.values, &mut sink)?;
+    }
     check_overflow(op, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }
