@@ -4,8 +4,9 @@
 //! Groups (siblings as `BenchmarkId::new(impl, shape)`):
 //!
 //! * `tnt_loss/f32/step/{1t,2t}`: TNFF on `[N, V]` logits, `tnt_loss` → `Sum` → `backward()`,
-//!   siblings `composite` (`TokenBackend::Composite`, tch autograd) and `kernel`
-//!   (`TokenBackend::Kernel`, what `Auto` picks on CPU f32). Fast: 256×50257; `AMEND_BENCH=large`:
+//!   siblings `composite` (`TokenBackend::Composite`, tch autograd), `kernel`
+//!   (`TokenBackend::Kernel`, what `Auto` picks on CPU f32) and `kernel_no_metrics` (the same with
+//!   `TntConfig::metrics = false`). Fast: 256×50257; `AMEND_BENCH=large`:
 //!   2048×50257 (the P-a shape).
 //! * `nll_loss/f32/step/{1t,2t}`: the same for `nll_loss` (cross-entropy), with a third sibling
 //!   `libtorch` (`cross_entropy_loss` on the same logits).
@@ -120,12 +121,13 @@ fn token_inputs(n: i64, v: i64) -> TokenInputs {
 }
 
 /// One TNFF step: a fresh leaf over the logits (no copy), the loss, `backward()`.
-fn tnff_step(x: &TokenInputs, backend: TokenBackend) -> (f64, Tensor) {
+fn tnff_step(x: &TokenInputs, backend: TokenBackend, metrics: bool) -> (f64, Tensor) {
     let z = x.z.detach().set_requires_grad(true);
     let cfg = TntConfig::new(TntVariant::Ff)
         .with_alpha(1.0)
         .with_reduction(Reduction::Sum)
-        .with_backend(backend);
+        .with_backend(backend)
+        .with_metrics(metrics);
     let out = tnt_loss(&z, &x.zo, &x.labels, &x.weights, &cfg).expect("tnt_loss");
     out.loss.backward();
     (scalar(&out.loss), z.grad())
@@ -158,10 +160,14 @@ fn token_groups(c: &mut Criterion) {
     let x = token_inputs(n, v);
     let id = format!("{n}x{v}");
     // Agreement before timing (kernels spec §9.3).
-    let (a, ga) = tnff_step(&x, TokenBackend::Composite);
-    let (b, gb) = tnff_step(&x, TokenBackend::Kernel);
+    let (a, ga) = tnff_step(&x, TokenBackend::Composite, true);
+    let (b, gb) = tnff_step(&x, TokenBackend::Kernel, true);
     assert!((a - b).abs() <= 1e-5 * a.abs(), "TNFF loss: composite {a} vs kernel {b}");
     check_close("TNFF grad", &gb, &ga, 1e-5);
+    let (quiet, gq) = tnff_step(&x, TokenBackend::Kernel, false);
+    assert!(quiet == b, "TNFF loss without metrics: {quiet} vs {b}");
+    check_close("TNFF grad without metrics", &gq, &gb, 0.0);
+    drop((ga, gb, gq));
     let (a, ga) = nll_step(&x, Some(TokenBackend::Composite));
     let (b, gb) = nll_step(&x, Some(TokenBackend::Kernel));
     let (l, gl) = nll_step(&x, None);
@@ -173,11 +179,13 @@ fn token_groups(c: &mut Criterion) {
         tch::set_num_threads(threads as i32);
         let mut g = c.benchmark_group(format!("tnt_loss/f32/step/{threads}t"));
         configure(&mut g, (n * v) as u64, large());
-        for (name, backend) in
-            [("composite", TokenBackend::Composite), ("kernel", TokenBackend::Kernel)]
-        {
+        for (name, backend, metrics) in [
+            ("composite", TokenBackend::Composite, true),
+            ("kernel", TokenBackend::Kernel, true),
+            ("kernel_no_metrics", TokenBackend::Kernel, false),
+        ] {
             g.bench_function(BenchmarkId::new(name, &id), |bch| {
-                bch.iter(|| black_box(tnff_step(&x, backend).0))
+                bch.iter(|| black_box(tnff_step(&x, backend, metrics).0))
             });
         }
         g.finish();
