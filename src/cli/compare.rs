@@ -10,7 +10,7 @@ use amend::eval::compare::{
 use amend::eval::methods::Method;
 use amend::eval::progress::TerminalProgress;
 use amend::eval::report::{terminal_summary, write_report};
-use amend::models::{CausalLm, LoadOptions, NonFiniteWeights, UnknownFields};
+use amend::models::CausalLm;
 
 /// Compare methods that remove an unwanted behaviour, side by side, on a task whose ideal update
 /// is known.
@@ -82,13 +82,8 @@ pub struct CompareArgs {
     /// Do not draw progress bars or print progress lines.
     #[arg(long)]
     pub no_progress: bool,
-    /// Load configs with unknown config.json fields (with a warning) instead of failing.
-    #[arg(long)]
-    pub allow_unknown_config: bool,
-    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
-    /// tensor); the outputs will be NaN or garbage.
-    #[arg(long)]
-    pub allow_non_finite_weights: bool,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
 }
 
 /// Runs `amend compare`.
@@ -136,19 +131,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             cfg.mode = format!("{}user", if args.quick { "quick-" } else { "" });
             let task = amend::eval::user_data::load_jsonl(data)
                 .with_context(|| format!("cannot read {}", data.display()))?;
-            let opts = LoadOptions {
-                unknown_config_fields: if args.allow_unknown_config {
-                    UnknownFields::Warn
-                } else {
-                    UnknownFields::Reject
-                },
-                non_finite: if args.allow_non_finite_weights {
-                    NonFiniteWeights::Propagate
-                } else {
-                    NonFiniteWeights::Error
-                },
-                ..LoadOptions::default()
-            };
+            let opts = args.load.options(tch::Kind::Float);
             progress.phase(&format!("loading {}", dir.display()));
             let t0 = std::time::Instant::now();
             let model = amend::models::load(dir, &opts)

@@ -27,7 +27,7 @@ use amend::edit::profs::{
 use amend::edit::tasks::facts::{FactTask, FactTaskConfig, default_model_cache};
 use amend::edit::{EditRequest, QaPair};
 use amend::models::recipe::RunOptions;
-use amend::models::{CausalLm, LoadOptions, Model, NonFiniteWeights, UnknownFields};
+use amend::models::{CausalLm, Model};
 
 /// Edit a model: ProFS subspace projection (`project`) or fine-tuning edits (`finetune`).
 ///
@@ -70,16 +70,10 @@ pub struct CommonArgs {
     /// exists). Both --out and --metrics are written, or neither.
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
-    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
-    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
-    pub threads: Option<i32>,
-    /// Load configs with unknown config.json fields (with a warning) instead of failing.
-    #[arg(long)]
-    pub allow_unknown_config: bool,
-    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
-    /// tensor); the outputs will be NaN or garbage.
-    #[arg(long)]
-    pub allow_non_finite_weights: bool,
+    #[command(flatten)]
+    pub threads: super::ThreadsArgs,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
     /// Cache of the embedded task's model (default: $AMEND_CACHE_DIR/models or
     /// ~/.cache/amend/models).
     #[arg(long, value_name = "DIR")]
@@ -317,25 +311,11 @@ pub fn run(args: &EditArgs) -> Result<()> {
 }
 
 fn setup(c: &CommonArgs) {
-    if let Some(n) = c.threads {
-        tch::set_num_threads(n);
-    }
+    c.threads.apply();
 }
 
 fn load_model(c: &CommonArgs, dir: &Path) -> Result<Model> {
-    let opts = LoadOptions {
-        unknown_config_fields: if c.allow_unknown_config {
-            UnknownFields::Warn
-        } else {
-            UnknownFields::Reject
-        },
-        non_finite: if c.allow_non_finite_weights {
-            NonFiniteWeights::Propagate
-        } else {
-            NonFiniteWeights::Error
-        },
-        ..LoadOptions::default()
-    };
+    let opts = c.load.options(tch::Kind::Float);
     amend::models::load(dir, &opts)
         .with_context(|| format!("cannot load a model from {}", dir.display()))
 }

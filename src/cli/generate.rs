@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use amend::models::{
-    CausalLm, FinishReason, LoadOptions, NonFiniteWeights, UnknownFields, parse_kind,
-};
+use amend::models::{CausalLm, FinishReason, parse_kind};
 
 use super::score::emit;
 
@@ -64,39 +62,18 @@ pub struct GenerateArgs {
     /// Parameter dtype: f32, bf16, f16 or f64.
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
-    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
-    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
-    pub threads: Option<i32>,
-    /// Load configs with unknown config.json fields (with a warning) instead of failing.
-    #[arg(long)]
-    pub allow_unknown_config: bool,
-    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
-    /// tensor); the outputs will be NaN or garbage.
-    #[arg(long)]
-    pub allow_non_finite_weights: bool,
+    #[command(flatten)]
+    pub threads: super::ThreadsArgs,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
 }
 
 /// Runs `amend generate`.
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        tch::set_num_threads(n);
-    }
+    args.threads.apply();
     let kind =
         parse_kind(&args.dtype).with_context(|| format!("unknown --dtype `{}`", args.dtype))?;
-    let opts = LoadOptions {
-        kind,
-        unknown_config_fields: if args.allow_unknown_config {
-            UnknownFields::Warn
-        } else {
-            UnknownFields::Reject
-        },
-        non_finite: if args.allow_non_finite_weights {
-            NonFiniteWeights::Propagate
-        } else {
-            NonFiniteWeights::Error
-        },
-        ..LoadOptions::default()
-    };
+    let opts = args.load.options(kind);
     let model = amend::models::load(&args.model, &opts)
         .with_context(|| format!("cannot load a model from {}", args.model.display()))?;
     let mut cfg = model.generation_config();

@@ -62,9 +62,8 @@ pub struct LossArgs {
     /// List the losses and the tensors each one reads, then exit.
     #[arg(long)]
     pub list: bool,
-    /// libtorch intra-op threads (also the fused kernels' threads), 1 to 4 per logical CPU.
-    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
-    pub threads: Option<i32>,
+    #[command(flatten)]
+    pub threads: super::ThreadsArgs,
 }
 
 /// An input tensor of a loss.
@@ -726,9 +725,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
         protected.push(("--config", c));
     }
     check_out(out_path, &protected)?;
-    if let Some(n) = args.threads {
-        tch::set_num_threads(n);
-    }
+    args.threads.apply();
     let inp = Inputs::read(spec, inputs_path)?;
     let alias = name.to_ascii_lowercase();
     let run = run_loss(spec, &alias, &inp, args.config.as_deref())

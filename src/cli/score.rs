@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use amend::models::{
-    CausalLm, LoadOptions, NonFiniteWeights, ScoreOptions, TokenScores, UnknownFields, parse_kind,
-};
+use amend::models::{CausalLm, ScoreOptions, TokenScores, parse_kind};
 
 /// Score text with a model: the log-probability of every token given the tokens before it, and
 /// the perplexity.
@@ -62,23 +60,15 @@ pub struct ScoreArgs {
     /// (S < window; smaller S: more context per token, more work).
     #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
     pub stride: Option<u64>,
-    /// libtorch intra-op threads, 1 to 4 per logical CPU (default: libtorch's choice).
-    #[arg(long, value_name = "N", value_parser = super::threads_arg)]
-    pub threads: Option<i32>,
-    /// Load configs with unknown config.json fields (with a warning) instead of failing.
-    #[arg(long)]
-    pub allow_unknown_config: bool,
-    /// Load a model whose weights hold NaN or ±inf (refused by default, naming the file and the
-    /// tensor); the outputs will be NaN or garbage.
-    #[arg(long)]
-    pub allow_non_finite_weights: bool,
+    #[command(flatten)]
+    pub threads: super::ThreadsArgs,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
 }
 
 /// Runs `amend score`.
 pub fn run(args: &ScoreArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        tch::set_num_threads(n);
-    }
+    args.threads.apply();
     let kind =
         parse_kind(&args.dtype).with_context(|| format!("unknown --dtype `{}`", args.dtype))?;
     // The texts, and how to name each in messages.
@@ -107,20 +97,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("nothing to score");
     }
-    let opts = LoadOptions {
-        kind,
-        unknown_config_fields: if args.allow_unknown_config {
-            UnknownFields::Warn
-        } else {
-            UnknownFields::Reject
-        },
-        non_finite: if args.allow_non_finite_weights {
-            NonFiniteWeights::Propagate
-        } else {
-            NonFiniteWeights::Error
-        },
-        ..LoadOptions::default()
-    };
+    let opts = args.load.options(kind);
     let model = amend::models::load(&args.model, &opts)
         .with_context(|| format!("cannot load a model from {}", args.model.display()))?;
     let tok = model.tokenizer().context("the model directory has no tokenizer.json")?;
