@@ -28,14 +28,15 @@ pub use amend_kernels::{Reduction, SumCount};
 pub use error::{Error, Result};
 pub use output::{LossOutput, LossPart, Metrics};
 pub use sequence::{
-    CP_REFERENCE_NONFINITE_NLL, CandidateSet, CpConfig, CpForm, CpGroups, CpStatistic, DpoConfig,
-    DpoLossType, EmptyPolicy, FusedLinearConfig, FusedLinearSeqLogps, GaNorm, GradientAscentConfig,
-    KtoConfig, KtoLossType, KtoReferencePoint, NeatConfig, NegScoring, NllScope, NpoConfig,
-    ORPO_MAX_MEAN_LOGP, Origin, OrpoConfig, RrhfConfig, SeqLogps, SeqLogpsConfig, SftNorm,
-    SimNpoConfig, SimPoConfig, TokenStats, contrastive_perplexity_loss, cp_default_alpha, cp_phi,
-    cp_phi_from_logps, cp_phi_reference, cp_split_layout, dpo_loss, gamma_from_ratio,
-    gradient_ascent_loss, kto_loss, kto_reference_point, kto_reference_point_stats, neat_loss,
-    npo_loss, orpo_loss, rrhf_loss, seq_logps, seq_logps_fused_linear, simnpo_loss, simpo_loss,
+    CP_REFERENCE_NONFINITE_NLL, CandidateSet, CpConfig, CpForm, CpGroups, CpStatistic, CpoConfig,
+    CpoLossType, DpoConfig, DpoLossType, DpoLossTypes, EmptyPolicy, FDivergence, FusedLinearConfig,
+    FusedLinearSeqLogps, GaNorm, GradientAscentConfig, KtoConfig, KtoLossType, KtoReferencePoint,
+    NeatConfig, NegScoring, NllScope, NpoConfig, ORPO_MAX_MEAN_LOGP, Origin, OrpoConfig,
+    RrhfConfig, SeqLogps, SeqLogpsConfig, SftNorm, SimNpoConfig, SimPoConfig, TokenStats,
+    contrastive_perplexity_loss, cp_default_alpha, cp_phi, cp_phi_from_logps, cp_phi_reference,
+    cp_split_layout, cpo_loss, dpo_loss, dpo_loss_weighted, gamma_from_ratio, gradient_ascent_loss,
+    kto_loss, kto_reference_point, kto_reference_point_stats, ld_logps, neat_loss, npo_loss,
+    orpo_loss, rrhf_loss, seq_logps, seq_logps_fused_linear, simnpo_loss, simpo_loss, wpo_weights,
 };
 pub use token::{
     Candidates, KlDirection, KlValue, NlConfig, NllConfig, NonFinitePolicy, RefKlConfig, SeqUlMask,

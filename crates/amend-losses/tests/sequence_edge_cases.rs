@@ -490,7 +490,8 @@ fn configs_accept_trl_and_upstream_names() {
     let d: DpoConfig =
         serde_json::from_str(r#"{"beta": 0.2, "loss_type": "robust", "label_smoothing": 0.1}"#)
             .unwrap();
-    assert_eq!((d.beta, d.loss_type, d.label_smoothing), (0.2, DpoLossType::Robust, 0.1));
+    assert_eq!((d.beta, d.label_smoothing), (0.2, 0.1));
+    assert_eq!(d.loss_type, DpoLossType::Robust);
     let s: SimPoConfig =
         serde_json::from_str(r#"{"beta": 0.1, "simpo_gamma": 0.5, "cpo_alpha": 1.0}"#).unwrap();
     assert_eq!((s.gamma, s.nll_weight), (0.5, 1.0));

@@ -9,7 +9,7 @@
 //! | primitive | [`seq_logps`], [`seq_logps_fused_linear`], [`SeqLogps::from_sums`] |
 //! | contrastive perplexity | [`contrastive_perplexity_loss`] ([`CpForm::Paper`], [`CpForm::Reference`]), [`cp_phi`], [`cp_phi_reference`] |
 //! | ranking | [`rrhf_loss`], [`neat_loss`] (reconstruction) over a [`CandidateSet`] |
-//! | preference | [`dpo_loss`] (sigmoid, cDPO, robust, IPO, hinge), [`simpo_loss`], [`orpo_loss`], [`kto_loss`] |
+//! | preference | [`dpo_loss`] (TRL 1.16's 15 loss types, mixtures, f-divergences; cDPO), [`dpo_loss_weighted`] + [`wpo_weights`] (WPO), [`ld_logps`] (LD-DPO), [`cpo_loss`] (CPO, AlphaPO), [`simpo_loss`], [`orpo_loss`], [`kto_loss`] |
 //! | unlearning | [`gradient_ascent_loss`], [`npo_loss`], [`simnpo_loss`] |
 //!
 //! The user guide with the formulas, the defaults and why, pitfalls and when to choose which
@@ -40,6 +40,7 @@
 mod candidates;
 mod common;
 mod contrastive_perplexity;
+mod cpo;
 mod dpo;
 mod fused_linear;
 mod gradient_ascent;
@@ -58,7 +59,11 @@ pub use contrastive_perplexity::{
     contrastive_perplexity_loss, cp_default_alpha, cp_phi, cp_phi_from_logps, cp_phi_reference,
     cp_split_layout,
 };
-pub use dpo::{DpoConfig, DpoLossType, dpo_loss};
+pub use cpo::{CpoConfig, CpoLossType, cpo_loss};
+pub use dpo::{
+    DpoConfig, DpoLossType, DpoLossTypes, FDivergence, dpo_loss, dpo_loss_weighted, ld_logps,
+    wpo_weights,
+};
 pub use fused_linear::{FusedLinearConfig, FusedLinearSeqLogps, seq_logps_fused_linear};
 pub use gradient_ascent::{GaNorm, GradientAscentConfig, gradient_ascent_loss};
 pub use kto::{
