@@ -227,7 +227,7 @@ def liger_cases(gen):
             xa, xb = (a / n_c, b / n_r) if kw.pop("average", False) else (a, b)
             loss = fn(xa, xb, target, *args, **kw)[0]
             ga, gb = torch.autograd.grad(loss, [a, b])
-            return dict(loss=float(loss), grad_c=flat(ga), grad_r=flat(gb))
+            return dict(loss=float(loss.detach()), grad_c=flat(ga), grad_r=flat(gb))
 
         for lt in ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                    "apo_down", "discopop"):

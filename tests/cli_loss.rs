@@ -7,8 +7,9 @@ use std::process::Command;
 
 use amend::losses::Reduction;
 use amend::losses::sequence::{
-    CandidateSet, CpConfig, CpGroups, DpoConfig, NeatConfig, RrhfConfig, SeqLogps,
-    contrastive_perplexity_loss, dpo_loss, neat_loss, rrhf_loss,
+    CandidateSet, CpConfig, CpGroups, CpoConfig, DpoConfig, DpoLossType, NeatConfig, RrhfConfig,
+    SeqLogps, contrastive_perplexity_loss, cpo_loss, dpo_loss, dpo_loss_weighted, neat_loss,
+    rrhf_loss,
 };
 use amend::losses::token::{
     NllConfig, RefKlConfig, TntConfig, TntVariant, TokenWeights, nll_loss, reference_kl_loss,
@@ -220,6 +221,117 @@ fn nll_reference_kl_and_dpo_match_the_library() {
     assert!(got.contains_key("metric.rewards/margins.sum"));
 }
 
+/// A TRL mixture config (`loss_type` list + `loss_weights`) with WPO-style pair weights, and CPO.
+#[test]
+fn dpo_mixture_with_pair_weights_and_cpo_match_the_library() {
+    let dir = Scratch::new("dpo-mix");
+    let chosen = Tensor::from_slice(&[-10.0f64, -7.5, -3.0]);
+    let rejected = Tensor::from_slice(&[-11.0f64, -6.0, -4.5]);
+    let lens_c = Tensor::from_slice(&[4i64, 3, 2]);
+    let lens_r = Tensor::from_slice(&[5i64, 3, 1]);
+    let ref_c = Tensor::from_slice(&[-10.5f64, -7.0, -3.5]);
+    let ref_r = Tensor::from_slice(&[-10.0f64, -6.5, -4.0]);
+    let w = Tensor::from_slice(&[0.5f64, 1.0, 0.25]);
+    let inputs = dir.path("in.safetensors");
+    write(
+        &inputs,
+        &[
+            ("chosen_logps", &chosen),
+            ("rejected_logps", &rejected),
+            ("chosen_lens", &lens_c),
+            ("rejected_lens", &lens_r),
+            ("ref_chosen_logps", &ref_c),
+            ("ref_rejected_logps", &ref_r),
+            ("pair_weights", &w),
+        ],
+    );
+    let cfg_path = dir.path("cfg.json");
+    let cfg_json = r#"{"beta": 0.3, "loss_type": ["sigmoid", "sft", "sigmoid_norm"],
+                       "loss_weights": [1.0, 0.5, 0.2], "f_divergence_type": "js_divergence"}"#;
+    std::fs::write(&cfg_path, cfg_json).unwrap();
+    let out = dir.path("out.safetensors");
+    let summary = ok(&amend(&[
+        "loss",
+        "dpo",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = read(&out);
+    let (c, r) = (chosen.copy().set_requires_grad(true), rejected.copy().set_requires_grad(true));
+    let cfg: DpoConfig = serde_json::from_str(cfg_json).unwrap();
+    assert_eq!(cfg.terms()[1], (DpoLossType::Sft, 0.5));
+    let lib = dpo_loss_weighted(
+        &SeqLogps::from_sums(&c, &lens_c).unwrap(),
+        &SeqLogps::from_sums(&r, &lens_r).unwrap(),
+        &ref_c,
+        &ref_r,
+        &w,
+        &cfg,
+    )
+    .unwrap();
+    lib.loss.backward();
+    same("mix loss", &got["loss"], &lib.loss.detach());
+    same("mix grad chosen", &got["grad.chosen_logps"], &c.grad());
+    same("mix grad rejected", &got["grad.rejected_logps"], &r.grad());
+    for part in ["sigmoid", "sft", "sigmoid_norm"] {
+        assert!(got.contains_key(&format!("part.{part}.sum")), "part {part} in {summary}");
+    }
+
+    let out = dir.path("cpo.safetensors");
+    let cpo_in = dir.path("cpo_in.safetensors");
+    write(
+        &cpo_in,
+        &[
+            ("chosen_logps", &chosen),
+            ("rejected_logps", &rejected),
+            ("chosen_lens", &lens_c),
+            ("rejected_lens", &lens_r),
+        ],
+    );
+    ok(&amend(&[
+        "loss",
+        "cpo",
+        "--inputs",
+        cpo_in.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = read(&out);
+    let (c, r) = (chosen.copy().set_requires_grad(true), rejected.copy().set_requires_grad(true));
+    let lib = cpo_loss(
+        &SeqLogps::from_sums(&c, &lens_c).unwrap(),
+        &SeqLogps::from_sums(&r, &lens_r).unwrap(),
+        &CpoConfig::default(),
+    )
+    .unwrap();
+    lib.loss.backward();
+    same("cpo loss", &got["loss"], &lib.loss.detach());
+    same("cpo grad chosen", &got["grad.chosen_logps"], &c.grad());
+    same("cpo grad rejected", &got["grad.rejected_logps"], &r.grad());
+    assert!(got.contains_key("part.tokens.sum"), "the NLL part");
+
+    // A config TRL would refuse is refused in words.
+    std::fs::write(&cfg_path, r#"{"loss_type": ["nca_pair"], "f_divergence_type": "forward_kl"}"#)
+        .unwrap();
+    let bad = amend(&[
+        "loss",
+        "dpo",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("nca_pair") && err.contains("f_divergence_type"), "{err}");
+}
+
 #[test]
 fn list_names_every_loss_and_its_inputs() {
     let out = amend(&["loss", "--list"]);
@@ -237,8 +349,11 @@ fn list_names_every_loss_and_its_inputs() {
         "reference_kl",
         "seq_logps",
         "dpo",
+        "cpo",
         "simpo",
         "orpo",
+        "trl_sigmoid",
+        "pair_weights",
         "kto",
         "npo",
         "simnpo",

@@ -10,10 +10,11 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use amend::losses::sequence::{
-    CandidateSet, CpConfig, CpGroups, DpoConfig, GradientAscentConfig, KtoConfig,
+    CandidateSet, CpConfig, CpGroups, CpoConfig, DpoConfig, GradientAscentConfig, KtoConfig,
     KtoReferencePoint, NeatConfig, NpoConfig, OrpoConfig, RrhfConfig, SeqLogps, SeqLogpsConfig,
-    SimNpoConfig, SimPoConfig, contrastive_perplexity_loss, dpo_loss, gradient_ascent_loss,
-    kto_loss, neat_loss, npo_loss, orpo_loss, rrhf_loss, seq_logps, simnpo_loss, simpo_loss,
+    SimNpoConfig, SimPoConfig, contrastive_perplexity_loss, cpo_loss, dpo_loss, dpo_loss_weighted,
+    gradient_ascent_loss, kto_loss, neat_loss, npo_loss, orpo_loss, rrhf_loss, seq_logps,
+    simnpo_loss, simpo_loss,
 };
 use amend::losses::token::{
     Candidates, NlConfig, NllConfig, RefKlConfig, SeqUlMask, SequenceUlConfig, TntConfig,
@@ -194,15 +195,24 @@ const SPECS: &[Spec] = &[
         name: "dpo",
         aliases: &[],
         config: "DpoConfig",
-        about: "DPO family (sigmoid, ipo, hinge, robust, ...: `loss_type`)",
-        known_as: "TRL DPOTrainer (loss_type), Liger LigerFusedLinearDPOLoss",
+        about: "DPO family: TRL's 15 `loss_type`s or a list + `loss_weights`, `f_divergence_type`; \
+                `sigmoid` + `label_smoothing` is cDPO, TRL 1.x's sigmoid (which ignores it) is `trl_sigmoid`",
+        known_as: "TRL DPOTrainer (loss_type, loss_weights, f_divergence_type, use_weighting via \
+                   pair_weights), Liger LigerFusedLinearDPOLoss",
         inputs: &[
             req("chosen_logps", "[B] float, summed policy log-probs of the chosen responses"),
             req("rejected_logps", "[B] float"),
             req("ref_chosen_logps", "[B] float (constant)"),
             req("ref_rejected_logps", "[B] float (constant)"),
-            opt("chosen_lens", "[B] integer, response lengths (default 1: IPO needs them)"),
+            opt(
+                "chosen_lens",
+                "[B] integer, response lengths (default 1: ipo, sigmoid_norm, sft need them)",
+            ),
             opt("rejected_lens", "[B] integer (default 1)"),
+            opt(
+                "pair_weights",
+                "[B] float >= 0, constant per-pair weights (WPO: w_chosen * w_rejected)",
+            ),
         ],
     },
     Spec {
@@ -216,6 +226,22 @@ const SPECS: &[Spec] = &[
             req("rejected_logps", "[B] float"),
             req("chosen_lens", "[B] integer"),
             req("rejected_lens", "[B] integer"),
+        ],
+    },
+    Spec {
+        name: "cpo",
+        aliases: &[],
+        config: "CpoConfig",
+        about: "CPO: reference-free pairwise term (sigmoid, hinge, ipo, simpo) + cpo_alpha * NLL on chosen; AlphaPO via `alpha`",
+        known_as: "CPO, Xu et al. arXiv 2401.08417; TRL CPOTrainer; Liger LigerFusedLinearCPOLoss",
+        inputs: &[
+            req("chosen_logps", "[B] float, summed log-probs of the chosen responses"),
+            req("rejected_logps", "[B] float"),
+            opt(
+                "chosen_lens",
+                "[B] integer (default 1; the NLL term and ipo/simpo average by them)",
+            ),
+            opt("rejected_lens", "[B] integer (default 1)"),
         ],
     },
     Spec {
@@ -550,13 +576,18 @@ fn run_loss(spec: &'static Spec, alias: &str, inp: &Inputs, cfg: Option<&Path>) 
             let c: DpoConfig = config(cfg)?;
             let (ch, lc) = inp.seq("chosen_logps", "chosen_lens")?;
             let (rj, lr) = inp.seq("rejected_logps", "rejected_lens")?;
-            let out = dpo_loss(
-                &ch,
-                &rj,
-                inp.req("ref_chosen_logps")?,
-                inp.req("ref_rejected_logps")?,
-                &c,
-            )?;
+            let (rc, rr) = (inp.req("ref_chosen_logps")?, inp.req("ref_rejected_logps")?);
+            let out = match inp.get("pair_weights") {
+                Some(w) => dpo_loss_weighted(&ch, &rj, rc, rr, w, &c)?,
+                None => dpo_loss(&ch, &rj, rc, rr, &c)?,
+            };
+            Run { out, leaves: vec![("chosen_logps", lc), ("rejected_logps", lr)], extra: vec![] }
+        }
+        "cpo" => {
+            let c: CpoConfig = config(cfg)?;
+            let (ch, lc) = inp.seq("chosen_logps", "chosen_lens")?;
+            let (rj, lr) = inp.seq("rejected_logps", "rejected_lens")?;
+            let out = cpo_loss(&ch, &rj, &c)?;
             Run { out, leaves: vec![("chosen_logps", lc), ("rejected_logps", lr)], extra: vec![] }
         }
         "simpo" => {
