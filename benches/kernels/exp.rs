@@ -17,7 +17,12 @@ pub fn bench(c: &mut Criterion) {
                 }
             })
         });
-        if amend_kernels::simd::level() == SimdLevel::Avx2Fma {
+        if SimdLevel::Avx512.is_available() {
+            g.bench_function(BenchmarkId::new("avx512", n), |b| {
+                b.iter(|| exp_f32_on(SimdLevel::Avx512, &x, &mut y).unwrap())
+            });
+        }
+        if SimdLevel::Avx2Fma.is_available() {
             g.bench_function(BenchmarkId::new("avx2", n), |b| {
                 b.iter(|| exp_f32_on(SimdLevel::Avx2Fma, &x, &mut y).unwrap())
             });

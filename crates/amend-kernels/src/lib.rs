@@ -26,8 +26,9 @@
 //!
 //! # Numerics
 //!
-//! * f32 inside a row (8-lane vector accumulators, summed in blocks of 1024), f64 across rows;
-//!   results for 1 and N threads are bitwise identical.
+//! * f32 inside a row (8-lane AVX2 or 16-lane AVX-512 vector accumulators, summed in blocks of
+//!   1024; f64 on the portable path), f64 across rows; results for 1 and N threads are bitwise
+//!   identical.
 //! * Stable log-sum-exp; the masked LSE `LSE_{v≠y}` is computed by skipping `y`, never by
 //!   subtraction; `log(1 − p)` is exact (`log1p(−p)` or a masked LSE).
 //! * Masking by selection: a term with zero target mass (forward) or zero probability

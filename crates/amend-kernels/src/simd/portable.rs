@@ -1,6 +1,7 @@
 //! Portable row primitives: plain Rust loops over the scalar polynomial `exp`/`ln` (separate
-//! multiply and add, no FMA), with row sums accumulated in f64. Used where AVX2+FMA is missing,
-//! or when `AMEND_KERNELS_SIMD=portable` is set. Same contracts as the AVX2 versions.
+//! multiply and add, no FMA), with row sums accumulated in f64. Used where neither AVX-512F nor
+//! AVX2+FMA is available, or when `AMEND_KERNELS_SIMD=portable` is set. Same contracts as the
+//! vector versions.
 
 use super::Scan;
 use super::scalar::{self, EXP_LO};

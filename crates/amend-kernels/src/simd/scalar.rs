@@ -1,5 +1,7 @@
 //! Scalar forms of the vector `exp` and `ln`: the same polynomials and range reduction, used for
-//! row tails inside the AVX2 functions (with FMA) and by the portable path (without).
+//! row tails inside the AVX2 functions and for single elements on both vector levels (with FMA),
+//! and by the portable path (without). The AVX-512 functions handle their tails with masked
+//! vector operations instead.
 
 /// `log2(e)`.
 pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -39,8 +41,8 @@ pub(crate) const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
 /// `exp(x)` with the kernel's polynomial; `x < −87.3` (and `−inf`) give 0.
 ///
-/// `FMA` selects `mul_add` (used inside AVX2+FMA functions, where it is one instruction and
-/// matches the vector lanes bit for bit) or separate multiply and add (portable path).
+/// `FMA` selects `mul_add` (used with the AVX2 and AVX-512 paths, where it matches the vector
+/// lanes bit for bit) or separate multiply and add (portable path).
 #[inline(always)]
 pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     if x.is_nan() {
