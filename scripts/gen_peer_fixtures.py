@@ -19,6 +19,11 @@ so TRL's own ld_alpha split is applied to it too.
 Liger-Kernel: the `preference_loss_fn` static methods of LigerFusedLinearDPOFunction,
 LigerFusedLinearCPOFunction and LigerFusedLinearSimPOFunction, on random per-sequence log-probs.
 
+open-unlearning is not on PyPI: its token-level unlearning losses and RMU's activation loss are
+written here in torch from the formulas of locuslab/open-unlearning at commit d3d7cf9 (links at
+each function), as a PyTorch user of that framework computes them: HF-style unshifted logits and
+-100 labels, shifted here.
+
     make peer-fixtures
 """
 
@@ -251,6 +256,103 @@ def liger_cases(gen):
     return cases
 
 
+OU = "https://github.com/locuslab/open-unlearning/blob/d3d7cf9"
+
+
+def ou_ceu(logits, labels, n_first=1):
+    # OU/src/trainer/unlearn/ceu.py: cross_entropy_unlearning_loss, compute_batch_ceu
+    valid = labels != -100
+    drop = (valid.cumsum(-1) <= n_first) & valid
+    labels = labels.masked_fill(drop, -100)
+    z, y = logits[:, :-1], labels[:, 1:]
+    m = y != -100
+    zv, yv = z[m], y[m]
+    t = zv.detach().clone().scatter(-1, yv.unsqueeze(-1), float("-inf")).softmax(-1)
+    return F.cross_entropy(zv, t)
+
+
+def ou_undial(logits, ref_logits, labels, beta):
+    # OU/src/trainer/utils.py#L70 compute_undial_loss (every position, as there)
+    z, zr, y = logits[:, :-1], ref_logits[:, :-1], labels[:, 1:]
+    mask = torch.zeros_like(zr)
+    mask.scatter_(-1, y.unsqueeze(-1), 1.0)
+    soft = F.softmax(zr - mask * beta, dim=-1)
+    return F.cross_entropy(z.reshape(-1, z.size(-1)), soft.reshape(-1, soft.size(-1)), reduction="none").mean()
+
+
+def ou_weighted(logits, labels, weight):
+    # OU/src/trainer/utils.py#L102 compute_wga_loss, #L118 compute_satimp_loss
+    z, y = logits[:, :-1], labels[:, 1:]
+    ce = F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), ignore_index=-100, reduction="none")
+    w = weight((-ce).exp().detach())
+    return -(w * ce)[y.reshape(-1) != -100].mean()
+
+
+def ou_activation_loss(a, b, mask):
+    # OU/src/trainer/unlearn/rmu.py: RMU.compute_activation_loss
+    sq = F.mse_loss(a, b, reduction="none")
+    s = (sq * mask.unsqueeze(-1).expand_as(sq)).mean(dim=2).sum(dim=1)
+    return (s / mask.sum(dim=-1)).mean()
+
+
+def unlearning_cases(gen):
+    cases = []
+    for i in range(4):
+        b, t, v = 3, 6, 9
+        logits = torch.randn(b, t, v, generator=gen, dtype=torch.float64) * 2
+        ref = logits + torch.randn(b, t, v, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, v, (b, t), generator=gen)
+        prompt = torch.randint(1, 3, (b,), generator=gen)
+        pad = torch.randint(0, 2, (b,), generator=gen)
+        masked = labels.clone()
+        for r in range(b):
+            masked[r, : prompt[r]] = -100
+            if pad[r]:
+                masked[r, t - 1] = -100
+        if i == 3:
+            logits[0, 2, masked[0, 3].clamp(min=0)] += 30.0  # a token the model is sure of
+        common = dict(shape=[b, t, v], logits=flat(logits), ref_logits=flat(ref))
+
+        def run(name, fn, lab, cfg):
+            leaf = logits.clone().requires_grad_(True)
+            loss = fn(leaf, lab)
+            (g,) = torch.autograd.grad(loss, [leaf])
+            cases.append(dict(name=f"{name}_{i}", peer="open-unlearning d3d7cf9 (formulas)", loss_fn=name,
+                              config=cfg, labels=flat(lab), loss=float(loss.detach()), grad_logits=flat(g),
+                              **common))
+
+        run("ceu", lambda z, y: ou_ceu(z, y, 1), masked, {})
+        run("ceu", lambda z, y: ou_ceu(z, y, 0), masked, {"ignore_first_n_answer_tokens": 0})
+        beta = [10.0, 1.0, 3.0, 0.5][i]
+        run("undial", lambda z, y: ou_undial(z, ref, y, beta), labels, {"beta": beta})
+        wb = [1.0, 0.5, 2.0, 0.0][i]
+        run("wga", lambda z, y: ou_weighted(z, y, lambda p: p ** wb), masked, {"beta": wb})
+        b1, b2 = [(5.0, 1.0), (1.0, 2.0), (0.5, 0.0), (2.0, 3.0)][i]
+        run("satimp", lambda z, y: ou_weighted(z, y, lambda p: p ** b1 * (1 - p) ** b2), masked,
+            {"beta1": b1, "beta2": b2})
+    for i in range(3):
+        b, t, d = 2 + i, 5, 8
+        hf = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+        hr = torch.randn(b + 1, t, d, generator=gen, dtype=torch.float64)
+        hr_ref = hr + 0.3 * torch.randn(b + 1, t, d, generator=gen, dtype=torch.float64)
+        mf = torch.rand(b, t, generator=gen) > 0.3
+        mf[:, 0] = True
+        mr = torch.rand(b + 1, t, generator=gen) > 0.3
+        mr[:, 1] = True
+        u = torch.rand(1, 1, d, generator=gen, dtype=torch.float64)
+        control = u / torch.norm(u) * [2.0, 6.5, 20.0][i]
+        gamma, alpha = [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)][i]
+        a, c = hf.clone().requires_grad_(True), hr.clone().requires_grad_(True)
+        loss = gamma * ou_activation_loss(a, control.expand_as(a), mf) + alpha * ou_activation_loss(c, hr_ref, mr)
+        ga, gc = torch.autograd.grad(loss, [a, c])
+        cases.append(dict(name=f"rmu_{i}", peer="open-unlearning d3d7cf9 (formulas)", loss_fn="rmu",
+                          config={"gamma": gamma, "alpha": alpha}, forget_hidden=flat(hf), forget_shape=[b, t, d],
+                          forget_mask=flat(mf.long()), control=flat(control), retain_hidden=flat(hr),
+                          retain_ref_hidden=flat(hr_ref), retain_shape=[b + 1, t, d], retain_mask=flat(mr.long()),
+                          loss=float(loss.detach()), grad_forget=flat(ga), grad_retain=flat(gc)))
+    return cases
+
+
 def main():
     gen = torch.Generator().manual_seed(20261207)
     out = dict(
@@ -258,13 +360,15 @@ def main():
         peers={"trl": TRL_VERSION, "liger-kernel": LIGER_VERSION, "torch": torch.__version__},
         trl=trl_cases(gen),
         liger=liger_cases(gen),
+        open_unlearning=unlearning_cases(gen),
     )
     tmp = OUT + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f, separators=(",", ":"))
         f.write("\n")
     os.replace(tmp, OUT)
-    print(f"wrote {OUT}: {len(out['trl'])} TRL cases, {len(out['liger'])} Liger cases")
+    print(f"wrote {OUT}: {len(out['trl'])} TRL, {len(out['liger'])} Liger, "
+          f"{len(out['open_unlearning'])} open-unlearning cases")
 
 
 if __name__ == "__main__":

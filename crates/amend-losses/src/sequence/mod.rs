@@ -10,7 +10,7 @@
 //! | contrastive perplexity | [`contrastive_perplexity_loss`] ([`CpForm::Paper`], [`CpForm::Reference`]), [`cp_phi`], [`cp_phi_reference`] |
 //! | ranking | [`rrhf_loss`], [`neat_loss`] (reconstruction) over a [`CandidateSet`] |
 //! | preference | [`dpo_loss`] (TRL 1.16's 15 loss types, mixtures, f-divergences; cDPO), [`dpo_loss_weighted`] + [`wpo_weights`] (WPO), [`ld_logps`] (LD-DPO), [`cpo_loss`] (CPO, AlphaPO), [`simpo_loss`], [`orpo_loss`], [`kto_loss`] |
-//! | unlearning | [`gradient_ascent_loss`], [`npo_loss`], [`simnpo_loss`] |
+//! | unlearning | [`gradient_ascent_loss`] (GA, GradDiff), [`npo_loss`], [`simnpo_loss`], [`rmu_loss`] (RMU, on hidden states); the token-level ones are in [`crate::token`] |
 //!
 //! The user guide with the formulas, the defaults and why, pitfalls and when to choose which
 //! method is `docs/losses-sequence.md`.
@@ -48,6 +48,7 @@ mod kto;
 mod neat;
 mod npo;
 mod orpo;
+mod rmu;
 mod rrhf;
 mod seq_logps;
 mod simnpo;
@@ -73,6 +74,7 @@ pub use kto::{
 pub use neat::{NeatConfig, NegScoring, neat_loss};
 pub use npo::{NpoConfig, npo_loss};
 pub use orpo::{NllScope, ORPO_MAX_MEAN_LOGP, OrpoConfig, orpo_loss};
+pub use rmu::{RmuConfig, rmu_control_vector, rmu_loss};
 pub use rrhf::{RrhfConfig, SftNorm, rrhf_loss};
 pub use seq_logps::{EmptyPolicy, SeqLogps, SeqLogpsConfig, TokenStats, seq_logps};
 pub use simnpo::{SimNpoConfig, simnpo_loss};

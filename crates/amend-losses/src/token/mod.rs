@@ -16,6 +16,10 @@
 //! | sequence-level unlikelihood | [`sequence_ul_loss`] | `valid` | `Mean` |
 //! | (conditional) NLL | [`nll_loss`], [`conditional_nll_loss`] | label ≠ ignore ∧ mask | `Mean` |
 //! | forward / reverse KL to a reference | [`reference_kl_loss`] | `loss_mask` | `Mean` |
+//! | unlearning: CE-U (self-distillation, label masked) | [`ceu_loss`] | label ≠ ignore ∧ mask, minus the first answer token | `Mean` |
+//! | unlearning: UNDIAL (reference, label logit − β) | [`undial_loss`] | label ≠ ignore ∧ mask | `Mean` |
+//! | unlearning: WGA (ascent weighted by `p^β`) | [`wga_loss`] | label ≠ ignore ∧ mask | `Mean` |
+//! | unlearning: SatImp (ascent weighted by `p^β₁ (1−p)^β₂`) | [`satimp_loss`] | label ≠ ignore ∧ mask | `Mean` |
 //!
 //! The fused-linear entry points [`fused_linear_nll_loss`] and [`fused_linear_tnt_loss`] start
 //! from hidden states and the LM head instead of logits and never materialise `[N, V]`.
@@ -48,6 +52,7 @@
 //! The user guide with formulas, defaults and pitfalls is `docs/losses-token.md`; the normative
 //! specification is `specs/token-losses.md`.
 
+mod ceu;
 mod common;
 mod fused_linear;
 pub(crate) mod kernel;
@@ -55,12 +60,16 @@ mod nl;
 mod nll;
 mod reference_kl;
 mod rows;
+mod satimp;
 mod sequence_ul;
 mod tnt;
 mod ul_annotated;
+mod undial;
 mod weights;
 mod welleck_ul;
+mod wga;
 
+pub use ceu::{CeuConfig, ceu_loss};
 pub use common::{NonFinitePolicy, TokenBackend};
 pub use fused_linear::{
     FusedLinearOptions, LinearHead, Reference, fused_linear_nll_loss, fused_linear_tnt_loss,
@@ -70,11 +79,14 @@ pub use nll::{NllConfig, conditional_nll_loss, count_active_nll, nll_loss};
 pub use reference_kl::{
     KlDirection, KlValue, RefKlConfig, count_active_reference_kl, reference_kl_loss,
 };
+pub use satimp::{SatImpConfig, satimp_loss};
 pub use sequence_ul::{
     GreedyContinuation, SeqUlMask, SequenceUlConfig, continuation_logits, count_active_sequence_ul,
     greedy_continuation, repeat_ngram_mask, sequence_ul_loss,
 };
 pub use tnt::{TntConfig, TntVariant, tnt_loss};
 pub use ul_annotated::{UlAnnotatedConfig, ul_annotated_loss};
+pub use undial::{UndialConfig, undial_loss};
 pub use weights::{TokenWeights, count_active_weighted};
 pub use welleck_ul::{Candidates, WelleckUlConfig, count_active_welleck, welleck_ul_loss};
+pub use wga::{WgaConfig, wga_loss};
