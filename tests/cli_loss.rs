@@ -221,6 +221,104 @@ fn nll_reference_kl_and_dpo_match_the_library() {
     assert!(got.contains_key("metric.rewards/margins.sum"));
 }
 
+/// The unlearning losses (CE-U, UNDIAL, WGA, SatImp, RMU) through `amend loss`, against the
+/// library calls with the same configs.
+#[test]
+fn unlearning_losses_match_the_library() {
+    use amend::losses::sequence::{RmuConfig, rmu_loss};
+    use amend::losses::token::{
+        CeuConfig, SatImpConfig, UndialConfig, WgaConfig, ceu_loss, satimp_loss, undial_loss,
+        wga_loss,
+    };
+    let dir = Scratch::new("unlearning");
+    let (logits, ref_logits, labels, _) = token_batch();
+    let mask = Tensor::from_slice(&[false, true, true, true, true, true, true, false, true, true])
+        .reshape([2, 5]);
+    let inputs = dir.path("batch.safetensors");
+    write(&inputs, &[("logits", &logits), ("labels", &labels), ("mask", &mask)]);
+    let with_ref = dir.path("batch_ref.safetensors");
+    write(
+        &with_ref,
+        &[("logits", &logits), ("ref_logits", &ref_logits), ("labels", &labels), ("mask", &mask)],
+    );
+    let cfg_path = dir.path("cfg.json");
+    let run = |name: &str, cfg: &str, inputs: &Path| {
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let out = dir.path(&format!("{name}.safetensors"));
+        ok(&amend(&[
+            "loss",
+            name,
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        read(&out)
+    };
+    let check =
+        |what: &str, got: &BTreeMap<String, Tensor>, out: amend::losses::LossOutput, z: &Tensor| {
+            out.loss.backward();
+            same(&format!("{what} loss"), &got["loss"], &out.loss.detach());
+            same(&format!("{what} grad"), &got["grad.logits"], &z.grad());
+        };
+    let z = logits.copy().set_requires_grad(true);
+    let got = run("ceu", r#"{"ignore_first_n_answer_tokens": 0}"#, &inputs);
+    let c = CeuConfig::default().with_ignore_first_n_answer_tokens(0);
+    check("ceu", &got, ceu_loss(&z, &labels, Some(&mask), &c).unwrap(), &z);
+    let z = logits.copy().set_requires_grad(true);
+    let got = run("undial", r#"{"beta": 3.0}"#, &with_ref);
+    let c = UndialConfig::default().with_beta(3.0);
+    check("undial", &got, undial_loss(&z, &ref_logits, &labels, Some(&mask), &c).unwrap(), &z);
+    let z = logits.copy().set_requires_grad(true);
+    let got = run("wga", r#"{"beta": 0.5}"#, &inputs);
+    check(
+        "wga",
+        &got,
+        wga_loss(&z, &labels, Some(&mask), &WgaConfig::default().with_beta(0.5)).unwrap(),
+        &z,
+    );
+    let z = logits.copy().set_requires_grad(true);
+    let got = run("satimp", r#"{"beta1": 2.0, "beta2": 0.5}"#, &inputs);
+    let c = SatImpConfig::default().with_beta1(2.0).with_beta2(0.5);
+    check("satimp", &got, satimp_loss(&z, &labels, Some(&mask), &c).unwrap(), &z);
+
+    // RMU with a retain batch; open-unlearning's names `gamma` / `alpha`.
+    tch::manual_seed(4);
+    let opts = (Kind::Float, Device::Cpu);
+    let (hf, hr, hr_ref) = (
+        Tensor::randn([2, 3, 4], opts),
+        Tensor::randn([1, 3, 4], opts),
+        Tensor::randn([1, 3, 4], opts),
+    );
+    let (mf, mr) = (
+        Tensor::ones([2, 3], (Kind::Bool, Device::Cpu)),
+        Tensor::ones([1, 3], (Kind::Bool, Device::Cpu)),
+    );
+    let control = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.5]);
+    let rmu_in = dir.path("rmu_in.safetensors");
+    write(
+        &rmu_in,
+        &[
+            ("forget_hidden", &hf),
+            ("forget_mask", &mf),
+            ("control", &control),
+            ("retain_hidden", &hr),
+            ("retain_ref_hidden", &hr_ref),
+            ("retain_mask", &mr),
+        ],
+    );
+    let got = run("rmu", r#"{"gamma": 0.5, "alpha": 2.0}"#, &rmu_in);
+    let (a, b) = (hf.copy().set_requires_grad(true), hr.copy().set_requires_grad(true));
+    let cfg = RmuConfig::default().with_forget_weight(0.5).with_retain_weight(2.0);
+    let lib = rmu_loss(&a, &mf, &control, Some((&b, &hr_ref, &mr)), &cfg).unwrap();
+    lib.loss.backward();
+    same("rmu loss", &got["loss"], &lib.loss.detach());
+    same("rmu grad forget", &got["grad.forget_hidden"], &a.grad());
+    same("rmu grad retain", &got["grad.retain_hidden"], &b.grad());
+}
+
 /// A TRL mixture config (`loss_type` list + `loss_weights`) with WPO-style pair weights, and CPO.
 #[test]
 fn dpo_mixture_with_pair_weights_and_cpo_match_the_library() {
@@ -354,6 +452,12 @@ fn list_names_every_loss_and_its_inputs() {
         "orpo",
         "trl_sigmoid",
         "pair_weights",
+        "ceu",
+        "undial",
+        "wga",
+        "satimp",
+        "rmu",
+        "forget_hidden",
         "kto",
         "npo",
         "simnpo",

@@ -11,15 +11,17 @@ use tch::{Kind, Tensor};
 
 use amend::losses::sequence::{
     CandidateSet, CpConfig, CpGroups, CpoConfig, DpoConfig, GradientAscentConfig, KtoConfig,
-    KtoReferencePoint, NeatConfig, NpoConfig, OrpoConfig, RrhfConfig, SeqLogps, SeqLogpsConfig,
-    SimNpoConfig, SimPoConfig, contrastive_perplexity_loss, cpo_loss, dpo_loss, dpo_loss_weighted,
-    gradient_ascent_loss, kto_loss, neat_loss, npo_loss, orpo_loss, rrhf_loss, seq_logps,
-    simnpo_loss, simpo_loss,
+    KtoReferencePoint, NeatConfig, NpoConfig, OrpoConfig, RmuConfig, RrhfConfig, SeqLogps,
+    SeqLogpsConfig, SimNpoConfig, SimPoConfig, contrastive_perplexity_loss, cpo_loss, dpo_loss,
+    dpo_loss_weighted, gradient_ascent_loss, kto_loss, neat_loss, npo_loss, orpo_loss, rmu_loss,
+    rrhf_loss, seq_logps, simnpo_loss, simpo_loss,
 };
 use amend::losses::token::{
-    Candidates, NlConfig, NllConfig, RefKlConfig, SeqUlMask, SequenceUlConfig, TntConfig,
-    TntVariant, TokenWeights, UlAnnotatedConfig, WelleckUlConfig, conditional_nll_loss, nl_loss,
-    nll_loss, reference_kl_loss, sequence_ul_loss, tnt_loss, ul_annotated_loss, welleck_ul_loss,
+    Candidates, CeuConfig, NlConfig, NllConfig, RefKlConfig, SatImpConfig, SeqUlMask,
+    SequenceUlConfig, TntConfig, TntVariant, TokenWeights, UlAnnotatedConfig, UndialConfig,
+    WelleckUlConfig, WgaConfig, ceu_loss, conditional_nll_loss, nl_loss, nll_loss,
+    reference_kl_loss, satimp_loss, sequence_ul_loss, tnt_loss, ul_annotated_loss, undial_loss,
+    welleck_ul_loss, wga_loss,
 };
 use amend::losses::{LossOutput, Metrics};
 
@@ -316,6 +318,53 @@ const SPECS: &[Spec] = &[
         ],
     },
     Spec {
+        name: "ceu",
+        aliases: &["ce_u"],
+        config: "CeuConfig",
+        about: "cross-entropy unlearning: CE to the model's own distribution with the label masked (TNFF's target from the model itself)",
+        known_as: "CE-U, Yang et al. arXiv 2503.01224; open-unlearning CEU",
+        inputs: &[LOGITS, LABELS, MASK],
+    },
+    Spec {
+        name: "undial",
+        aliases: &[],
+        config: "UndialConfig",
+        about: "self-distillation to the reference with the label's logit lowered by beta",
+        known_as: "UNDIAL, Dong et al. arXiv 2402.10052; open-unlearning UNDIAL",
+        inputs: &[LOGITS, REF_LOGITS, LABELS, MASK],
+    },
+    Spec {
+        name: "wga",
+        aliases: &[],
+        config: "WgaConfig",
+        about: "gradient ascent on the forget tokens weighted by p^beta",
+        known_as: "WGA, Wang et al. arXiv 2502.19301; open-unlearning WGA",
+        inputs: &[LOGITS, LABELS, MASK],
+    },
+    Spec {
+        name: "satimp",
+        aliases: &[],
+        config: "SatImpConfig",
+        about: "gradient ascent on the forget tokens weighted by p^beta1 (1 - p)^beta2",
+        known_as: "SatImp, Yang et al. arXiv 2505.11953; open-unlearning SatImp",
+        inputs: &[LOGITS, LABELS, MASK],
+    },
+    Spec {
+        name: "rmu",
+        aliases: &[],
+        config: "RmuConfig",
+        about: "representation misdirection: one layer's hidden states to a control vector (forget), to the frozen model's (retain)",
+        known_as: "RMU, Li et al. arXiv 2403.03218 (WMDP); open-unlearning RMU",
+        inputs: &[
+            req("forget_hidden", "[B, T, D] float, the policy's hidden states at the chosen layer"),
+            req("forget_mask", "[B, T] bool or 0/1, the labelled positions"),
+            req("control", "[D] float, the control vector (constant; amend's rmu_control_vector)"),
+            opt("retain_hidden", "[B', T', D] float"),
+            opt("retain_ref_hidden", "[B', T', D] float, the frozen model's (constant)"),
+            opt("retain_mask", "[B', T'] bool or 0/1"),
+        ],
+    },
+    Spec {
         name: "contrastive_perplexity",
         aliases: &["cp"],
         config: "CpConfig",
@@ -534,6 +583,55 @@ fn run_loss(spec: &'static Spec, alias: &str, inp: &Inputs, cfg: Option<&Path>) 
             let z = inp.leaf("logits")?;
             let c: NllConfig = config(cfg)?;
             token(nll_loss(&z, inp.req("labels")?, inp.get("mask"), &c)?, z)
+        }
+        "ceu" => {
+            let z = inp.leaf("logits")?;
+            let c: CeuConfig = config(cfg)?;
+            token(ceu_loss(&z, inp.req("labels")?, inp.get("mask"), &c)?, z)
+        }
+        "undial" => {
+            let z = inp.leaf("logits")?;
+            let c: UndialConfig = config(cfg)?;
+            let out =
+                undial_loss(&z, inp.req("ref_logits")?, inp.req("labels")?, inp.get("mask"), &c)?;
+            token(out, z)
+        }
+        "wga" => {
+            let z = inp.leaf("logits")?;
+            let c: WgaConfig = config(cfg)?;
+            token(wga_loss(&z, inp.req("labels")?, inp.get("mask"), &c)?, z)
+        }
+        "satimp" => {
+            let z = inp.leaf("logits")?;
+            let c: SatImpConfig = config(cfg)?;
+            token(satimp_loss(&z, inp.req("labels")?, inp.get("mask"), &c)?, z)
+        }
+        "rmu" => {
+            let c: RmuConfig = config(cfg)?;
+            let hf = inp.leaf("forget_hidden")?;
+            let retain = match (
+                inp.get("retain_hidden"),
+                inp.get("retain_ref_hidden"),
+                inp.get("retain_mask"),
+            ) {
+                (None, None, None) => None,
+                (Some(_), Some(r), Some(m)) => Some((inp.leaf("retain_hidden")?, r, m)),
+                _ => bail!(
+                    "`rmu` needs all of retain_hidden, retain_ref_hidden and retain_mask, or none"
+                ),
+            };
+            let out = rmu_loss(
+                &hf,
+                inp.req("forget_mask")?,
+                inp.req("control")?,
+                retain.as_ref().map(|(h, r, m)| (h, *r, *m)),
+                &c,
+            )?;
+            let mut leaves = vec![("forget_hidden", hf)];
+            if let Some((h, _, _)) = retain {
+                leaves.push(("retain_hidden", h));
+            }
+            Run { out, leaves, extra: vec![] }
         }
         "conditional_nll" => {
             let z = inp.leaf("logits")?;
