@@ -31,9 +31,12 @@ test: setup
 
 ## test-other-cpu: the whole test suite again as another x86-64 CPU would run it: libtorch's
 ## baseline kernels (no AVX2/AVX-512), oneDNN limited to SSE4.1 and amend's kernels on their
-## portable path. A fixture that encodes one CPU's rounding fails here on any machine.
+## portable path. A fixture that encodes one CPU's rounding fails here on any machine. Then the
+## kernels and the losses once more on amend's AVX2 path (an AVX-512 machine runs AVX-512 in
+## `make test`; AMEND_KERNELS_SIMD=avx2 is a ceiling, so on an AVX2-only machine this is AVX2 again).
 test-other-cpu: setup
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 AMEND_KERNELS_SIMD=portable $(CARGO) test --workspace
+	AMEND_KERNELS_SIMD=avx2 $(CARGO) test -p amend-kernels -p amend-losses --lib --tests
 
 ## check: formatting, lints, docs and benches (what .ci/run adds to `make test`)
 check: setup fmt clippy doc bench-build
