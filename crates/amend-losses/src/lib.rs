@@ -18,6 +18,7 @@
 //!   data-parallel ranks (see [`LossOutput`]).
 #![doc(test(attr(deny(warnings))))]
 
+mod attach;
 pub mod bridge;
 mod error;
 mod output;

@@ -79,22 +79,24 @@ where
 
 /// Token losses shaped like `fused.values` that carry the kernel's gradient to `logits`
 /// (detached values when no gradient was computed). `active` (bool, shaped like the values)
-/// marks the rows the kernel computed; `count` of them are true.
+/// marks the rows the kernel computed; `count` of them are true. The gradient goes to autograd
+/// through [`attach_rows`](crate::attach::attach_rows) (no surrogate product; the buffer itself
+/// becomes `logits.grad` under a sum).
 pub(crate) fn inject(
     logits: &Tensor,
     fused: &FusedRows,
     active: &Tensor,
     count: i64,
 ) -> Result<Tensor> {
-    let rows = fused.values.numel() as i64;
-    let sanitize = if fused.stats.masked_vocab_rows > 0 {
-        Sanitize::Full
-    } else if count < rows {
-        Sanitize::InactiveRows(active)
-    } else {
-        Sanitize::None
-    };
-    inject_rows(logits, &fused.values, fused.grad.as_ref(), sanitize)
+    let _ = (active, count);
+    match fused.grad.as_ref() {
+        Some(g) => {
+            let kind = logits.f_kind()?;
+            let out = crate::attach::attach_rows(logits, &fused.values, g, 1.0)?;
+            Ok(if out.kind() == kind { out } else { out.f_to_kind(kind)? })
+        }
+        None => inject_rows(logits, &fused.values, None, Sanitize::None),
+    }
 }
 
 /// `mask` (bool) as an f32 row scale (1 where true, 0 elsewhere).
