@@ -1,7 +1,7 @@
 // A custom autograd function that hands a fused kernel's gradient to autograd as it is.
 //
-// forward(x, value, grad, scale) returns a copy of `value` (the kernel's per-row losses) whose
-// backward is `∂out[r]/∂x[r] = grad[r] / scale`: no surrogate product over [N, V] in the forward
+// forward(x, value, grad, scale) multiplies `grad` by `scale` in place and returns a copy of
+// `value` (the kernel's per-row losses) whose backward is `∂out[r]/∂x[r] = grad[r]` (unscaled): no surrogate product over [N, V] in the forward
 // pass, and in the backward pass, when the upstream gradient is uniformly `scale` (a sum, or a
 // mean whose 1/count the caller already folded into `grad`), `grad` itself is returned, so
 // AccumulateGrad can adopt the buffer as x.grad without a copy (it does when the graph is not
@@ -24,6 +24,11 @@ struct AttachRows : public torch::autograd::Function<AttachRows> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& value,
                             const at::Tensor& grad, double scale) {
     (void)x;  // only the edge to x matters: its gradient is `grad`
+    if (scale != 1.0) {
+      // `grad` is the kernel's own fresh buffer: fold the reduction's scale in now, so that the
+      // common backward (upstream gradient == scale) returns the buffer untouched.
+      grad.mul_(scale);
+    }
     ctx->save_for_backward({grad});
     ctx->saved_data["scale"] = scale;
     return value.clone();

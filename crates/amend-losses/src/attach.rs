@@ -33,12 +33,13 @@ unsafe extern "C" {
     ) -> i32;
 }
 
-/// `out = value` (a copy, shaped like `value`) with `∂out[r]/∂x[r] = grad[r] / scale`.
+/// `out = value` (a copy, shaped like `value`) with `∂out[r]/∂x[r] = grad[r]`.
 ///
 /// `x` is the logits the kernel read (`[..., V]`, requiring grad), `value` its per-row values
-/// (`[...]`), `grad` the kernel's gradient shaped like `x`, already multiplied by `scale` (> 0).
-/// The function keeps `grad` alive until the backward pass and may hand it to autograd as
-/// `x.grad`: do not write to it afterwards.
+/// (`[...]`), `grad` the kernel's gradient shaped like `x`. `grad` is multiplied by `scale` (> 0,
+/// the factor the caller's reduction applies next) in place, kept until the backward pass and
+/// returned as the gradient when the upstream gradient is uniformly `scale`, so autograd may
+/// adopt it as `x.grad`: do not read or write it afterwards.
 ///
 /// # Errors
 ///

@@ -383,7 +383,7 @@ fn selected_token_logps_kernel(
     else {
         return Ok(None);
     };
-    let lp = kernel::inject(logits2d, &fused, &active, n)?;
+    let lp = kernel::inject(logits2d, &fused, &active, n, crate::Reduction::Sum)?;
     Ok(Some(lp.f_index_select(0, rows)?))
 }
 

@@ -79,20 +79,33 @@ where
 
 /// Token losses shaped like `fused.values` that carry the kernel's gradient to `logits`
 /// (detached values when no gradient was computed). `active` (bool, shaped like the values)
-/// marks the rows the kernel computed; `count` of them are true. The gradient goes to autograd
-/// through [`attach_rows`](crate::attach::attach_rows) (no surrogate product; the buffer itself
-/// becomes `logits.grad` under a sum).
+/// marks the rows the kernel computed; `count` of them are true; `reduction` is the one the loss
+/// applies next.
+///
+/// The gradient goes to autograd through [`attach_rows`](crate::attach::attach_rows): no
+/// surrogate product over `[N, V]`. Under `Mean` (`BatchMean`) the `1/count` (`1/B`) the
+/// reduction will apply is folded into the kernel's buffer now, so that under a sum or a mean
+/// the upstream gradient is exactly that scale and the buffer itself is `∂loss/∂logits`.
 pub(crate) fn inject(
     logits: &Tensor,
     fused: &FusedRows,
     active: &Tensor,
     count: i64,
+    reduction: crate::Reduction,
 ) -> Result<Tensor> {
-    let _ = (active, count);
+    let _ = active;
     match fused.grad.as_ref() {
         Some(g) => {
+            let units = match reduction {
+                crate::Reduction::Mean => count,
+                crate::Reduction::BatchMean => logits.size().first().copied().unwrap_or(0),
+                _ => 1,
+            };
+            // The reduction multiplies by this same f64 (`finish`), so the upstream gradient
+            // equals it bit for bit.
+            let scale = if units > 0 { 1.0 / units as f64 } else { 1.0 };
             let kind = logits.f_kind()?;
-            let out = crate::attach::attach_rows(logits, &fused.values, g, 1.0)?;
+            let out = crate::attach::attach_rows(logits, &fused.values, g, scale)?;
             Ok(if out.kind() == kind { out } else { out.f_to_kind(kind)? })
         }
         None => inject_rows(logits, &fused.values, None, Sanitize::None),

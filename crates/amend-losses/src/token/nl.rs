@@ -270,7 +270,7 @@ fn nl_kernel(
     };
     let fixed = if cfg.alpha > 0.0 { floored.shallow_clone() } else { neg.shallow_clone() };
     override_rows(&mut fused, &fixed, cfg.alpha * cfg.threshold.unwrap_or(0.0))?;
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let (n_neg, n_pos) = (weights.num_negative() as f64, weights.num_positive() as f64);
     let mut sink = MetricSink::default();
     sink.add("nl/neg_logp", &masked_sum(&l_y, &neg)?, n_neg)?;

@@ -149,7 +149,7 @@ fn nll_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let mut sink = MetricSink::default();
     let hit = argmax(logits)?.f_eq_tensor(&plan.labels)?.f_to_kind(Kind::Float)?;
     sink.add("mean_token_accuracy", &masked_sum(&hit, &plan.active)?, plan.count as f64)?;

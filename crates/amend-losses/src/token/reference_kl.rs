@@ -383,7 +383,7 @@ fn reference_kl_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let count = plan.count as f64;
     let mut sink = MetricSink::default();
     let values = fused.values.f_where_scalarother(&plan.active, 0.0)?;

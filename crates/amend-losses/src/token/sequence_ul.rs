@@ -530,7 +530,7 @@ fn sequence_ul_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let (l_y, _) = tch::no_grad(|| logp_at(op, logits, &plan.labels, &plan.active))?;
     let mut sink = MetricSink::default();
     sink.add_value("seq_ul/repeat_fraction", plan.count as f64, count as f64)?;

@@ -495,7 +495,7 @@ fn tnt_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let mut sink = MetricSink::default();
     if cfg.metrics {
         let neg = weights.negative_mask()?;

@@ -215,7 +215,7 @@ fn ul_annotated_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let neg = weights.negative_mask()?;
     let pos = plan.active.f_logical_and(&neg.f_logical_not()?)?;
     // p_y at the negatives (usually few rows): one value-only sweep over those rows.

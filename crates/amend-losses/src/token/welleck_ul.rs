@@ -329,7 +329,7 @@ fn welleck_kernel(
     else {
         return Ok(None);
     };
-    let tok = inject(logits, &fused, &plan.active, plan.count)?;
+    let tok = inject(logits, &fused, &plan.active, plan.count, cfg.reduction)?;
     let metrics =
         tch::no_grad(|| welleck_kernel_metrics(op, plan, logits, &full, &fused.values, cfg))?;
     check_overflow(op, &tok, cfg.non_finite, &[logits])?;
