@@ -63,8 +63,10 @@ pub enum TokenBackend {
     /// row). Keeps only the gradient `[n, V]` alive; first-order only (no double backward).
     ClosedForm,
     /// The fused row kernels of [`amend_kernels`] (value and gradient in one sweep per row,
-    /// SIMD `exp`, no `[N, V]` temporaries), on the logits' own storage, with the gradient
-    /// injected into autograd per row through [`crate::bridge`]. Requires CPU f32 logits
+    /// SIMD `exp`, no `[N, V]` temporaries), on the logits' own storage, with the kernel's
+    /// gradient buffer handed to autograd by a custom autograd function (C++, against the same
+    /// libtorch; under the loss's own reduction the buffer becomes the logits' gradient without
+    /// a copy). Requires CPU f32 logits
     /// ([`Error::InvalidConfig`] otherwise); first-order only. Threads: as many as libtorch's
     /// intra-op pool (`tch::get_num_threads`), on scoped threads.
     Kernel,
