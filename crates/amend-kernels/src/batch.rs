@@ -1,6 +1,7 @@
 //! The batch driver shared by every kernel: input/output buffers ([`LogitsIo`]), validation
 //! helpers, the split of rows over scoped threads, and the f64 batch reduction ([`BatchStats`]).
 
+use crate::tnt::TntRowStats;
 use crate::{KernelError, Result, SumCount};
 
 /// The logits a kernel reads and where it writes their gradient.
@@ -192,7 +193,16 @@ pub(crate) enum RowBuf<'a> {
     InPlace(&'a mut [f32]),
 }
 
-impl RowBuf<'_> {
+impl<'a> RowBuf<'a> {
+    /// The logits row for as long as the buffer lives, when no write can go through it (`None`
+    /// in place).
+    pub fn shared_z(&self) -> Option<&'a [f32]> {
+        match self {
+            RowBuf::Check(z) | RowBuf::Value(z) | RowBuf::Grad(z, _) => Some(*z),
+            RowBuf::InPlace(_) => None,
+        }
+    }
+
     pub fn z(&self) -> &[f32] {
         match self {
             RowBuf::Check(z) | RowBuf::Value(z) | RowBuf::Grad(z, _) => z,
@@ -245,6 +255,21 @@ pub(crate) struct Scratch {
     /// Addresses of the next row's logits (set by the driver) and reference logits (set by the
     /// kernel), for software prefetching while the current row computes; 0 = none.
     pub prefetch: [usize; 2],
+    /// The current row's TNT diagnostics (set by the row closure of `tnt_with_stats`, taken by
+    /// the driver).
+    pub stats: Option<TntRowStats>,
+    /// What scratch row 2 holds after a forward KL row that stored its reference
+    /// exponentials, for the diagnostics to reuse.
+    pub ref_exp: Option<RefExp>,
+}
+
+/// Scratch row 2 holds `exp(z° − shift)` over the row vocabulary (0 at `exclude`), summing to
+/// `sum`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RefExp {
+    pub shift: f32,
+    pub sum: f32,
+    pub exclude: Option<usize>,
 }
 
 impl Scratch {
@@ -256,6 +281,8 @@ impl Scratch {
             aux: Vec::new(),
             stream: false,
             prefetch: [0, 0],
+            stats: None,
+            ref_exp: None,
         }
     }
 
@@ -287,11 +314,17 @@ pub(crate) struct RowOut {
 pub(crate) struct Aux<'a> {
     pub lse: Option<&'a mut [f32]>,
     pub logp: Option<&'a mut [f32]>,
+    /// TNT diagnostics per row ([`TntRowStats::INACTIVE`] at inactive rows).
+    pub stats: Option<&'a mut [TntRowStats]>,
 }
 
-impl Aux<'_> {
+impl<'a> Aux<'a> {
     pub fn none() -> Aux<'static> {
-        Aux { lse: None, logp: None }
+        Aux { lse: None, logp: None, stats: None }
+    }
+
+    pub fn values(lse: Option<&'a mut [f32]>, logp: Option<&'a mut [f32]>) -> Aux<'a> {
+        Aux { lse, logp, stats: None }
     }
 }
 
@@ -324,6 +357,7 @@ struct Chunk<'a> {
     loss: &'a mut [f32],
     lse: Option<&'a mut [f32]>,
     logp: Option<&'a mut [f32]>,
+    stats: Option<&'a mut [TntRowStats]>,
 }
 
 #[derive(Default)]
@@ -344,15 +378,23 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
         scratch.stream = g.len() * 4 >= STREAM_BYTES;
     }
     let mut stats = ChunkStats::default();
-    let Chunk { start, rows, io, loss, mut lse, mut logp } = c;
+    let Chunk { start, rows, io, loss, mut lse, mut logp, stats: mut row_stats } = c;
     let check = matches!(io, ChunkIo::Check(_));
     let mut finish = |i: usize,
                       res: Result<Option<RowOut>>,
-                      grad: Option<&mut [f32]>|
+                      grad: Option<&mut [f32]>,
+                      st: Option<TntRowStats>|
      -> std::result::Result<(), (usize, KernelError)> {
         let out = res.map_err(|e| (start + i, e))?;
         if check {
             return Ok(());
+        }
+        if let Some(s) = row_stats.as_deref_mut() {
+            s[i] = if out.is_some() {
+                st.unwrap_or(TntRowStats::INACTIVE)
+            } else {
+                TntRowStats::INACTIVE
+            };
         }
         let o = match out {
             Some(o) => {
@@ -381,14 +423,15 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
     match io {
         ChunkIo::Check(z) => {
             for (i, zr) in z.chunks_exact(vocab).take(rows).enumerate() {
-                finish(i, f.row(start + i, RowBuf::Check(zr), &mut scratch), None)?;
+                finish(i, f.row(start + i, RowBuf::Check(zr), &mut scratch), None, None)?;
             }
         }
         ChunkIo::Value(z) => {
             let base = z.as_ptr() as usize;
             for (i, zr) in z.chunks_exact(vocab).take(rows).enumerate() {
                 scratch.prefetch = [next(base, i), 0];
-                finish(i, f.row(start + i, RowBuf::Value(zr), &mut scratch), None)?;
+                let res = f.row(start + i, RowBuf::Value(zr), &mut scratch);
+                finish(i, res, None, scratch.stats.take())?;
             }
         }
         ChunkIo::Grad(z, g) => {
@@ -396,7 +439,7 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
             for (i, (zr, gr)) in z.chunks_exact(vocab).zip(g.chunks_exact_mut(vocab)).enumerate() {
                 scratch.prefetch = [next(base, i), 0];
                 let res = f.row(start + i, RowBuf::Grad(zr, &mut *gr), &mut scratch);
-                finish(i, res, Some(gr))?;
+                finish(i, res, Some(gr), scratch.stats.take())?;
             }
         }
         ChunkIo::InPlace(z) => {
@@ -404,7 +447,7 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
             for (i, zr) in z.chunks_exact_mut(vocab).enumerate() {
                 scratch.prefetch = [next(base, i), 0];
                 let res = f.row(start + i, RowBuf::InPlace(&mut *zr), &mut scratch);
-                finish(i, res, Some(zr))?;
+                finish(i, res, Some(zr), scratch.stats.take())?;
             }
         }
     }
@@ -413,7 +456,7 @@ fn run_chunk(c: Chunk<'_>, vocab: usize, f: &dyn RowFn) -> ChunkResult {
 
 /// Splits `s` (rows of `per_row` elements) at the row boundaries `bounds` (`bounds[0] = 0`,
 /// last = rows).
-fn split_mut<'a>(mut s: &'a mut [f32], bounds: &[usize], per_row: usize) -> Vec<&'a mut [f32]> {
+fn split_mut<'a, T>(mut s: &'a mut [T], bounds: &[usize], per_row: usize) -> Vec<&'a mut [T]> {
     let mut out = Vec::with_capacity(bounds.len() - 1);
     for w in bounds.windows(2) {
         let (a, b) = std::mem::take(&mut s).split_at_mut((w[1] - w[0]) * per_row);
@@ -427,7 +470,7 @@ fn split_ref<'a>(s: &'a [f32], bounds: &[usize], per_row: usize) -> Vec<&'a [f32
     bounds.windows(2).map(|w| &s[w[0] * per_row..w[1] * per_row]).collect()
 }
 
-fn split_opt<'a>(s: Option<&'a mut [f32]>, bounds: &[usize]) -> Vec<Option<&'a mut [f32]>> {
+fn split_opt<'a, T>(s: Option<&'a mut [T]>, bounds: &[usize]) -> Vec<Option<&'a mut [T]>> {
     match s {
         Some(s) => split_mut(s, bounds, 1).into_iter().map(Some).collect(),
         None => bounds.windows(2).map(|_| None).collect(),
@@ -501,9 +544,12 @@ pub(crate) fn run(
     if let LogitsIo::Grad { grad, .. } = &io {
         check_len(op, "grad", n, grad.len())?;
     }
-    let Aux { mut lse, mut logp } = aux;
+    let Aux { mut lse, mut logp, mut stats } = aux;
     if let Some(l) = &lse {
         check_len(op, "lse", rows, l.len())?;
+    }
+    if let Some(l) = &stats {
+        check_len(op, "stats", rows, l.len())?;
     }
     if let Some(l) = &logp {
         check_len(op, "logp", rows, l.len())?;
@@ -526,6 +572,7 @@ pub(crate) fn run(
                 loss: l,
                 lse: None,
                 logp: None,
+                stats: None,
             })
             .collect();
         run_chunks(chunks, vocab, f).map_err(|(_, e)| e)?;
@@ -550,14 +597,16 @@ pub(crate) fn run(
             .zip(split_mut(loss, &bounds, 1))
             .zip(split_opt(lse.as_deref_mut(), &bounds))
             .zip(split_opt(logp.as_deref_mut(), &bounds))
+            .zip(split_opt(stats.as_deref_mut(), &bounds))
             .zip(bounds.windows(2))
-            .map(|((((io, loss), lse), logp), w)| Chunk {
+            .map(|(((((io, loss), lse), logp), stats), w)| Chunk {
                 start: w[0],
                 rows: w[1] - w[0],
                 io,
                 loss,
                 lse,
                 logp,
+                stats,
             })
             .collect();
         run_chunks(chunks, vocab, f)
@@ -572,6 +621,9 @@ pub(crate) fn run(
             loss.fill(0.0);
             for l in [lse, logp].into_iter().flatten() {
                 l.fill(0.0);
+            }
+            if let Some(s) = stats {
+                s.fill(TntRowStats::INACTIVE);
             }
             match io {
                 LogitsIo::Grad { grad, .. } => grad.fill(0.0),

@@ -13,7 +13,7 @@
 //! | [`selected_logp`] | `−log p_y` with label smoothing, z-loss, softcap, temperature; `LSE`, `log p_y` | NLL/CE, sequence log-probs (DPO family, SimPO, ORPO, KTO, NPO), NL |
 //! | [`token_kl`] | forward or reverse KL to a target built in the kernel ([`KlTarget`]): reference softmax (distillation), TNT mask-and-renormalise, one-hot, label-smoothed, precomputed log-probs | distillation, TNT, reference KL, UNDIAL-style targets |
 //! | [`unlikelihood`] | `−α Σ_c log(1 − p_c)` on sparse candidates ([`Candidates`]), exact `log(1 − p)`, plus optional NLL | annotated UL, Welleck token UL, sequence UL |
-//! | [`tnt`] | a whole TNT variant (TNFF, TNRR, TNRF, TNFLL, TNRLL) or NL / annotated UL, per-row term by weight sign | `amend-losses`' token-level losses |
+//! | [`tnt`] | a whole TNT variant (TNFF, TNRR, TNRF, TNFLL, TNRLL) or NL / annotated UL, per-row term by weight sign; [`tnt_with_stats`] adds the per-row diagnostics ([`TntRowStats`]) from the same sweep | `amend-losses`' token-level losses |
 //!
 //! All four take a [`LogitsIo`] (value only, gradient into a buffer, or gradient in place over
 //! the logits), per-row outputs, an explicit thread count (rows are split over
@@ -68,6 +68,6 @@ pub use batch::{BatchStats, LogitsIo};
 pub use error::{KernelError, Result};
 pub use reduction::{Reduction, SumCount};
 pub use selected_logp::{SelectedLogpConfig, SelectedLogpOut, selected_logp};
-pub use tnt::{TntKernelConfig, TntVariant, tnt};
+pub use tnt::{TntKernelConfig, TntRowStats, TntVariant, tnt, tnt_with_stats};
 pub use token_kl::{KlDirection, KlTarget, KlValue, TokenKlConfig, token_kl};
 pub use unlikelihood::{Candidates, UnlikelihoodConfig, unlikelihood};

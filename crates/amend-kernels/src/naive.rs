@@ -117,7 +117,7 @@ pub fn selected_logp_naive(
         Ok(Some(RowOut { loss, lse, logp, masked_vocab: false }))
     };
     let SelectedLogpOut { loss, lse, logp } = out;
-    batch::run(OP, io, vocab, cfg.threads, loss, Aux { lse, logp }, &f)
+    batch::run(OP, io, vocab, cfg.threads, loss, Aux::values(lse, logp), &f)
 }
 
 /// Multi-pass sibling of [`crate::token_kl`] (same arguments and outputs).

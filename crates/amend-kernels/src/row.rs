@@ -7,7 +7,7 @@
 //! gradient overwrites the logits, needs no special case: all reads of `z` happen before the
 //! first write.
 
-use crate::batch::{RowBuf, RowOut, Scratch};
+use crate::batch::{RefExp, RowBuf, RowOut, Scratch};
 use crate::simd::{self, Scan};
 use crate::{KernelError, Result};
 
@@ -159,6 +159,7 @@ fn forward_row(
         s3.copy_from_slice(z);
     }
 
+    let mut ref_exp = None;
     let (value, lns, coef_e, coef_t, uniform) = match base {
         Base::Ref { zr, exclude } => {
             let store = grad || (smooth && divergence);
@@ -176,6 +177,9 @@ fn forward_row(
                 prefetch: if prefetch.contains(&0) { [0, 0] } else { prefetch },
             };
             let (s, sr, acc) = simd::fwd_b(z, zr, &params, outs);
+            if store && k == 1.0 {
+                ref_exp = Some(RefExp { shift: ref_max, sum: sr, exclude });
+            }
             let (lns, lnsr) = (s.ln(), sr.ln());
             let value = if !smooth {
                 if divergence { acc / sr + lns - lnsr } else { lns - acc / sr }
@@ -237,6 +241,7 @@ fn forward_row(
             }
         }
     }
+    scratch.ref_exp = ref_exp;
     Ok(RowOut { loss: scale * value, lse, logp: 0.0, masked_vocab: neg_inf })
 }
 

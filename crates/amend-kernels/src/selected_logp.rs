@@ -214,5 +214,5 @@ pub fn selected_logp(
         }
     };
     let SelectedLogpOut { loss, lse, logp } = out;
-    batch::run(OP, io, vocab, cfg.threads, loss, Aux { lse, logp }, &f)
+    batch::run(OP, io, vocab, cfg.threads, loss, Aux::values(lse, logp), &f)
 }

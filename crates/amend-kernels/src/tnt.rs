@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{self, Aux, BatchStats, LogitsIo, RowBuf, Scratch};
 use crate::row::{Base, CeSpec, KlSpec, UlSpec, ce_row, kl_row, ul_row};
+use crate::simd;
 use crate::token_kl::{KlValue, check_eps};
 use crate::{KernelError, Result};
 
@@ -190,6 +191,165 @@ pub fn tnt(
     cfg: &TntKernelConfig,
     loss: &mut [f32],
 ) -> Result<BatchStats> {
+    tnt_impl(io, vocab, ref_logits, labels, weights, cfg, loss, None)
+}
+
+/// Per-row diagnostics of a TNT call, from [`tnt_with_stats`]: what the TNT metrics of
+/// `amend-losses` are made of (`tnt/neg_mass`, `tnt/ref_neg_mass`, `tnt/neg_top1`,
+/// `tnt/neg_kl`, `tnt/pos_kl`, `tnt/pos_top1_agreement`).
+///
+/// Everything is over the row vocabulary (columns where `z = −inf` are removed from the
+/// reference too). Inactive rows (`w = 0`) hold [`TntRowStats::INACTIVE`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TntRowStats {
+    /// `log p_y`: the model's log-probability of the label.
+    pub logp_y: f32,
+    /// `log p°_y`: the reference's log-probability of the label (the full reference, also at
+    /// negative rows).
+    pub ref_logp_y: f32,
+    /// `KL(t ‖ p)` to the ideal unsmoothed target: `t = q` (the reference with the label
+    /// removed and renormalised) at negative rows, `t = p°` at positive rows, whatever the
+    /// variant optimises.
+    pub kl: f32,
+    /// `argmax_v z_v` (the first maximum, as `torch.argmax`).
+    pub argmax: i64,
+    /// `argmax_v z°_v` (the first maximum).
+    pub ref_argmax: i64,
+}
+
+impl TntRowStats {
+    /// The value of an inactive row: zeros and argmaxes of −1 (no token).
+    pub const INACTIVE: TntRowStats =
+        TntRowStats { logp_y: 0.0, ref_logp_y: 0.0, kl: 0.0, argmax: -1, ref_argmax: -1 };
+}
+
+impl Default for TntRowStats {
+    fn default() -> Self {
+        TntRowStats::INACTIVE
+    }
+}
+
+/// [`tnt`] that also writes each row's [`TntRowStats`] into `stats`, computed in the same sweep
+/// while the row is in cache (no second pass over `[rows, vocab]` in memory): the diagnostics of
+/// a training step at a fraction of the step's cost.
+///
+/// With a separate gradient buffer or value only, the statistics reuse the row's log-sum-exp;
+/// in place they are computed before the gradient overwrites the logits.
+///
+/// # Shapes
+///
+/// As [`tnt`]; `stats`: `[rows]`.
+///
+/// # Errors
+///
+/// As [`tnt`], plus [`KernelError::InvalidArg`] when `ref_logits` is missing (the statistics
+/// need the reference, also for NL and annotated UL) and [`KernelError::LengthMismatch`] for
+/// `stats`. On an error `stats` is reset to [`TntRowStats::INACTIVE`].
+///
+/// # Example
+///
+/// ```
+/// use amend_kernels::{LogitsIo, TntKernelConfig, TntRowStats, TntVariant, tnt_with_stats};
+///
+/// let z = [2.0f32, 1.0, 0.5, -1.0, 2.0, 1.0, 0.5, -1.0];
+/// let z_ref = [1.5f32, 1.2, 0.3, -0.5, 1.5, 1.2, 0.3, -0.5];
+/// let (mut grad, mut loss) = ([0.0f32; 8], [0.0f32; 2]);
+/// let mut stats = [TntRowStats::INACTIVE; 2];
+/// let cfg = TntKernelConfig::new(TntVariant::Tnff);
+/// tnt_with_stats(LogitsIo::grad(&z, &mut grad), 4, &z_ref, &[0, 0], &[-1.0, 1.0], &cfg,
+///                &mut loss, &mut stats)?;
+/// assert_eq!(stats[0].argmax, 0); // the unwanted token 0 is the model's top-1
+/// assert!((stats[0].logp_y - -0.495_181_9).abs() < 1e-5); // log p_y
+/// assert!((stats[0].kl - 0.964_072_7).abs() < 1e-5); // KL(q ‖ p), q without token 0
+/// assert!((stats[1].kl - 0.058_896_8).abs() < 1e-5); // KL(p° ‖ p) on the positive row
+/// # Ok::<(), amend_kernels::KernelError>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn tnt_with_stats(
+    io: LogitsIo<'_>,
+    vocab: usize,
+    ref_logits: &[f32],
+    labels: &[i64],
+    weights: &[f32],
+    cfg: &TntKernelConfig,
+    loss: &mut [f32],
+    stats: &mut [TntRowStats],
+) -> Result<BatchStats> {
+    batch::check_len(OP, "stats", loss.len(), stats.len())?;
+    tnt_impl(io, vocab, Some(ref_logits), labels, weights, cfg, loss, Some(stats))
+}
+
+/// The statistics of one active row (see [`TntRowStats`]); `lse` is the row's log-sum-exp when
+/// the caller has it. Uses scratch row 1; the row was validated by the caller's pass.
+fn row_stats(
+    z: &[f32],
+    zr: &[f32],
+    y: usize,
+    neg: bool,
+    lse: Option<f32>,
+    scratch: &mut Scratch,
+) -> TntRowStats {
+    let sc = simd::scan(z, None, None);
+    let m = sc.max;
+    let mask = (sc.min == f32::NEG_INFINITY).then_some(z);
+    let lse = lse.unwrap_or_else(|| m + simd::exp_sum(z, mask, m, 1.0, None, None).ln());
+    let argmax = simd::first_index_of(z, m, None);
+    // The reference over the row vocabulary: its maximum, and the target's (without `y` at a
+    // negative row).
+    let exclude = neg.then_some(y);
+    // A forward row of the same target left its exponentials in scratch row 2: reuse them.
+    let reuse = scratch.ref_exp.take().filter(|r| r.exclude == exclude);
+    let (s1, s2, _) = scratch.rows();
+    let (full, e, mr, sr) = match reuse {
+        Some(r) if !neg => (r.shift, &*s2, r.shift, r.sum),
+        Some(r) => (simd::scan(zr, None, mask).max, &*s2, r.shift, r.sum),
+        None => {
+            let full = simd::scan(zr, None, mask).max;
+            let mr = if neg && zr[y] >= full { simd::scan(zr, exclude, mask).max } else { full };
+            let sr = simd::exp_sum(zr, mask, mr, 1.0, Some(&mut *s1), exclude);
+            (full, &*s1, mr, sr)
+        }
+    };
+    let ref_argmax = simd::first_index_of(zr, full, mask);
+    let lnsr = sr.ln();
+    // KL(t ‖ p) = Σ t (log t − log p) = Σ e°(z° − z)/s° + LSE(z) − (m° + ln s°).
+    let dot = simd::weighted_diff_sum(e, zr, z);
+    let kl = (dot / f64::from(sr)) as f32 + lse - (mr + lnsr);
+    let ref_lse = if mask.is_some_and(|z| z[y] == f32::NEG_INFINITY) || !neg {
+        mr + lnsr
+    } else {
+        log_add_exp(mr + lnsr, zr[y])
+    };
+    let ref_logp_y = if mask.is_some_and(|z| z[y] == f32::NEG_INFINITY) {
+        f32::NEG_INFINITY
+    } else {
+        zr[y] - ref_lse
+    };
+    TntRowStats {
+        logp_y: z[y] - lse,
+        ref_logp_y,
+        kl,
+        argmax: argmax as i64,
+        ref_argmax: ref_argmax as i64,
+    }
+}
+
+fn log_add_exp(a: f32, b: f32) -> f32 {
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    if lo == f32::NEG_INFINITY { hi } else { hi + (lo - hi).exp().ln_1p() }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tnt_impl(
+    io: LogitsIo<'_>,
+    vocab: usize,
+    ref_logits: Option<&[f32]>,
+    labels: &[i64],
+    weights: &[f32],
+    cfg: &TntKernelConfig,
+    loss: &mut [f32],
+    stats: Option<&mut [TntRowStats]>,
+) -> Result<BatchStats> {
     batch::check_vocab(OP, vocab)?;
     cfg.validate(OP)?;
     let rows = loss.len();
@@ -222,6 +382,7 @@ pub fn tnt(
     let eps = cfg.smoothing_eps as f32;
     let alpha = cfg.alpha as f32;
     let fwd_div = cfg.forward_value == KlValue::Divergence;
+    let want_stats = stats.is_some();
     let f = |r: usize, buf: RowBuf<'_>, scratch: &mut Scratch| {
         let w = weights[r];
         if w == 0.0 {
@@ -247,6 +408,15 @@ pub fn tnt(
         };
         let masked = Base::Ref { zr, exclude: Some(y) };
         let full = Base::Ref { zr, exclude: None };
+        // Statistics: after the row (reusing its LSE) when the logits stay readable, before it
+        // when the gradient overwrites them.
+        let stats_on = want_stats && !buf.check_only();
+        let after = buf.shared_z();
+        scratch.ref_exp = None;
+        let before = match (stats_on, after) {
+            (true, None) => Some(row_stats(buf.z(), zr, y, neg, None, scratch)),
+            _ => None,
+        };
         let out = match (cfg.variant, neg) {
             (TntVariant::Tnff | TntVariant::Tnfll, true) => {
                 kl_row(OP, r, buf, scratch, kl(false, masked, 0.0, alpha, fwd_div))
@@ -280,8 +450,16 @@ pub fn tnt(
                 let spec = UlSpec { nll: None, cands: &[y], alpha, scale: 1.0 };
                 ul_row(OP, r, buf, scratch, spec)
             }
-        };
-        out.map(Some)
+        }?;
+        if stats_on {
+            scratch.stats = match (before, after) {
+                (Some(st), _) => Some(st),
+                (None, Some(z)) => Some(row_stats(z, zr, y, neg, Some(out.lse), scratch)),
+                (None, None) => None,
+            };
+        }
+        Ok(Some(out))
     };
-    batch::run(OP, io, vocab, cfg.threads, loss, Aux::none(), &f)
+    let aux = Aux { lse: None, logp: None, stats };
+    batch::run(OP, io, vocab, cfg.threads, loss, aux, &f)
 }

@@ -176,6 +176,18 @@ fn ln8(x0: __m256) -> __m256 {
 // ---------------------------------------------------------------------------------------------
 // Row primitives (see `super` for their contracts).
 
+/// [`super::first_index_of`], the portable body compiled (auto-vectorised) for this level.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn first_index_of(z: &[f32], m: f32, mask: Option<&[f32]>) -> usize {
+    super::first_index_of_body(z, m, mask)
+}
+
+/// [`super::weighted_diff_sum`], the portable body compiled (auto-vectorised) for this level.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn weighted_diff_sum(e: &[f32], a: &[f32], b: &[f32]) -> f64 {
+    super::weighted_diff_sum_body(e, a, b)
+}
+
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn scan(z: &[f32]) -> Scan {
     let (c, tail) = z.as_chunks::<16>();

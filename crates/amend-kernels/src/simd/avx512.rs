@@ -198,6 +198,18 @@ fn ln16(x0: __m512) -> __m512 {
 // ---------------------------------------------------------------------------------------------
 // Row primitives (see `super` for their contracts).
 
+/// [`super::first_index_of`], the portable body compiled (auto-vectorised) for this level.
+#[target_feature(enable = "avx512f")]
+pub(super) fn first_index_of(z: &[f32], m: f32, mask: Option<&[f32]>) -> usize {
+    super::first_index_of_body(z, m, mask)
+}
+
+/// [`super::weighted_diff_sum`], the portable body compiled (auto-vectorised) for this level.
+#[target_feature(enable = "avx512f")]
+pub(super) fn weighted_diff_sum(e: &[f32], a: &[f32], b: &[f32]) -> f64 {
+    super::weighted_diff_sum_body(e, a, b)
+}
+
 #[target_feature(enable = "avx512f")]
 pub(super) fn scan(z: &[f32]) -> Scan {
     let (c, tail) = z.as_chunks::<32>();

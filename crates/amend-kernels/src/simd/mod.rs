@@ -406,6 +406,67 @@ pub(crate) fn exp_sum(
     }
 }
 
+/// The first index `i` with `z[i] == m` (and, with `mask`, `mask[i] ≠ −inf`); 0 if none.
+pub(crate) fn first_index_of(z: &[f32], m: f32, mask: Option<&[f32]>) -> usize {
+    dispatch!(v => v::first_index_of(z, m, mask), first_index_of_body(z, m, mask))
+}
+
+/// `Σ_v e_v (a_v − b_v)` over the entries with `e_v > 0` and `a_v`, `b_v` finite (selected, so a
+/// `−inf` never meets a zero weight), in f32 lanes summed into f64 every 1024 entries.
+pub(crate) fn weighted_diff_sum(e: &[f32], a: &[f32], b: &[f32]) -> f64 {
+    debug_assert!(a.len() == e.len() && b.len() == e.len());
+    dispatch!(v => v::weighted_diff_sum(e, a, b), weighted_diff_sum_body(e, a, b))
+}
+
+/// The body of [`first_index_of`], written for the auto-vectoriser: blocks without a hit are
+/// tested with a branch-free reduction. The vector modules compile it with their features.
+#[inline(always)]
+pub(super) fn first_index_of_body(z: &[f32], m: f32, mask: Option<&[f32]>) -> usize {
+    const BLOCK: usize = 256;
+    for (b, block) in z.chunks(BLOCK).enumerate() {
+        if block.iter().fold(0u32, |hit, &x| hit | u32::from(x == m)) != 0 {
+            for (i, &x) in block.iter().enumerate() {
+                let idx = b * BLOCK + i;
+                if x == m && mask.is_none_or(|mk| mk[idx] != f32::NEG_INFINITY) {
+                    return idx;
+                }
+            }
+        }
+    }
+    0
+}
+
+/// The body of [`weighted_diff_sum`] (see [`first_index_of_body`]).
+#[inline(always)]
+pub(super) fn weighted_diff_sum_body(e: &[f32], a: &[f32], b: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0.0f64;
+    for ((eb, ab), bb) in e.chunks(1024).zip(a.chunks(1024)).zip(b.chunks(1024)) {
+        let mut acc = [0.0f32; LANES];
+        let n = eb.len() / LANES * LANES;
+        let (eh, ah, bh) = (&eb[..n], &ab[..n], &bb[..n]);
+        for ((ec, ac), bc) in
+            eh.chunks_exact(LANES).zip(ah.chunks_exact(LANES)).zip(bh.chunks_exact(LANES))
+        {
+            for j in 0..LANES {
+                // `a − b` is finite exactly when both are (they are never +inf here).
+                let d = ac[j] - bc[j];
+                let ok = ec[j] > 0.0 && d.abs() < f32::INFINITY;
+                acc[j] += if ok { ec[j] * d } else { 0.0 };
+            }
+        }
+        let mut tail = 0.0f32;
+        for ((&ev, &av), &bv) in eb[n..].iter().zip(&ab[n..]).zip(&bb[n..]) {
+            let d = av - bv;
+            if ev > 0.0 && d.abs() < f32::INFINITY {
+                tail += ev * d;
+            }
+        }
+        total += acc.iter().map(|&x| f64::from(x)).sum::<f64>() + f64::from(tail);
+    }
+    total
+}
+
 #[cfg(target_arch = "x86_64")]
 type FwdB =
     unsafe fn(&[f32], f32, &[f32], f32, f32, &mut [f32], &mut [f32], [usize; 2]) -> (f32, f32, f32);

@@ -15,7 +15,7 @@ use super::common::{
     MetricSink, NonFinitePolicy, RowSelection, TokenBackend, as_ids, as_mask, check_device,
     check_finite_rows, check_shape, compute_kind, count_and_check_ids,
 };
-use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut};
+use amend_kernels::{KernelError, LogitsIo, SelectedLogpConfig, SelectedLogpOut, TntRowStats};
 
 use super::kernel;
 use super::nll::{NllConfig, NllRows, nll_metrics};
@@ -585,30 +585,28 @@ impl FusedChunk<'_> {
                         reason: "internal: the TNT chunk has no reference or weights".into(),
                     });
                 };
-                let all = neg.f_ones_like()?.f_to_kind(Kind::Bool)?;
-                let masked = usize::from(f64::try_from(z.f_min()?)? == f64::NEG_INFINITY);
-                let stats = match TntKernelStats::new(op, z, zo, labels, neg, &all, masked) {
-                    Ok(s) => s,
-                    Err(Error::Kernel(KernelError::NonFiniteRow { .. })) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
                 let signs = neg.f_to_kind(Kind::Float)?.f_mul_scalar(-2.0)?.f_add_scalar(1.0)?;
                 let ws = CpuSlice::<f32>::new(&signs, op, "weights")?;
                 let zos = CpuSlice::<f32>::new(zo, op, "ref_logits")?;
                 let kcfg = tnt_kernel_config(cfg);
                 let zs = buf.rows_mut(len);
                 let io = if grad { LogitsIo::in_place(zs) } else { LogitsIo::value(zs) };
-                let r = amend_kernels::tnt(
-                    io,
-                    vocab,
-                    Some(zos.as_slice()),
-                    y.as_slice(),
-                    ws.as_slice(),
-                    &kcfg,
-                    loss.as_mut_slice(),
-                );
-                tnt_stats = Some(stats);
-                r
+                let (zo, y, w) = (zos.as_slice(), y.as_slice(), ws.as_slice());
+                let out = loss.as_mut_slice();
+                if cfg.metrics {
+                    // In place, the kernel takes each row's statistics before its gradient
+                    // overwrites the logits: still one sweep.
+                    let mut rows = vec![TntRowStats::INACTIVE; out.len()];
+                    let r =
+                        amend_kernels::tnt_with_stats(io, vocab, zo, y, w, &kcfg, out, &mut rows);
+                    if r.is_ok() {
+                        let all = neg.f_ones_like()?.f_to_kind(Kind::Bool)?;
+                        tnt_stats = Some(TntKernelStats::from_rows(&rows, labels, neg, &all)?);
+                    }
+                    r
+                } else {
+                    amend_kernels::tnt(io, vocab, Some(zo), y, w, &kcfg, out)
+                }
             }
         };
         match result {
@@ -792,7 +790,7 @@ pub fn fused_linear_tnt_loss(
         2,
         (cfg.backend, cfg.non_finite, cfg.reduction),
         opts,
-        &|rows, value, sink| tnt_metrics(rows, value, sink),
+        &|rows, value, sink| if cfg.metrics { tnt_metrics(rows, value, sink) } else { Ok(()) },
     )
 }
 

@@ -191,15 +191,6 @@ pub(crate) fn target_argmax(
     Ok(Tensor::f_from_slice(&out)?.f_reshape(shape.as_slice())?)
 }
 
-/// `x` with the entries where `z = −inf` set to `−inf` (the reference restricted to the row
-/// vocabulary of the logits), only when some active row has a `−inf` logit.
-pub(crate) fn restrict_to_support(zo: &Tensor, z: &Tensor, masked_rows: usize) -> Result<Tensor> {
-    if masked_rows == 0 {
-        return Ok(zo.f_detach()?);
-    }
-    Ok(zo.f_detach()?.f_masked_fill(&z.f_detach()?.f_eq(f64::NEG_INFINITY)?, f64::NEG_INFINITY)?)
-}
-
 /// Argmax of the rows of `x` (`[..., V]`) under `no_grad`, i64, shaped like the leading dims.
 pub(crate) fn argmax(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_detach()?.f_argmax(-1, false)?)

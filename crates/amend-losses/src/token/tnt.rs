@@ -7,22 +7,20 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use amend_kernels::{KlTarget, LogitsIo, TntKernelConfig, TokenKlConfig};
+use amend_kernels::{TntKernelConfig, TntRowStats};
 
 use super::common::{
     MetricSink, NonFinitePolicy, Plan, TokenBackend, check_fits_dtype, check_nonneg_finite,
     check_overflow, check_reduction, compute_kind, finish, masked_sum, plan_weighted,
     select_weighted, token_losses,
 };
-use super::kernel::{
-    self, argmax, fused, inject, logp_at, restrict_to_support, row_scale, target_argmax, threads,
-};
+use super::kernel::{self, fused, inject, threads};
 use super::rows::{
     LogProbs, RefParts, RowLoss, Rows, ce_grad, ce_value, eval_rows, kl_metric, label_log_target,
     rkl_grad, rkl_value, select_scalar, smooth,
 };
 use super::weights::TokenWeights;
-use crate::bridge::{CpuBuf, CpuSlice};
+use crate::bridge::CpuSlice;
 use crate::{Error, LossOutput, Reduction, Result};
 
 /// The five TNT variants, named `TN{negative}{positive}`: the divergence used at negative
@@ -135,8 +133,10 @@ pub struct TntConfig {
     pub non_finite: NonFinitePolicy,
     /// Gradient path (default: automatic).
     pub backend: TokenBackend,
-    /// Compute the `tnt/*` metrics (default `true`). On the fused kernel they cost value-only
-    /// passes over the logits and the reference logits besides the loss's own sweep; a training
+    /// Compute the `tnt/*` metrics (default `true`; also for the fused-linear losses). On the
+    /// fused kernel they come out of the loss's own sweep, while each row is in cache
+    /// ([`amend_kernels::tnt_with_stats`]: no second pass over `[N, V]` in memory, a few light
+    /// in-cache passes per row); on the composite path they cost extra tensor ops. A training
     /// loop that does not log them every step sets this to `false` (the loss, its gradient and
     /// the part counts are the same either way).
     pub metrics: bool,
@@ -489,8 +489,16 @@ fn tnt_kernel(
     let y = CpuSlice::<i64>::new(&plan.labels, op, "labels")?;
     let w = CpuSlice::<f32>::new(&signs, op, "weights")?;
     let kcfg = kernel_config(cfg);
+    // The metrics' per-row quantities come out of the same sweep (`tnt_with_stats`).
+    let mut row_stats = Vec::new();
     let Some(fused) = fused(op, logits, |io, vocab, loss| {
-        amend_kernels::tnt(io, vocab, Some(zo.as_slice()), y.as_slice(), w.as_slice(), &kcfg, loss)
+        let (zo, y, w) = (zo.as_slice(), y.as_slice(), w.as_slice());
+        if cfg.metrics {
+            row_stats.resize(loss.len(), TntRowStats::INACTIVE);
+            amend_kernels::tnt_with_stats(io, vocab, zo, y, w, &kcfg, loss, &mut row_stats)
+        } else {
+            amend_kernels::tnt(io, vocab, Some(zo), y, w, &kcfg, loss)
+        }
     })?
     else {
         return Ok(None);
@@ -499,23 +507,16 @@ fn tnt_kernel(
     let mut sink = MetricSink::default();
     if cfg.metrics {
         let neg = weights.negative_mask()?;
-        let stats = TntKernelStats::new(
-            op,
-            logits,
-            ref_logits,
-            &plan.labels,
-            &neg,
-            &plan.active,
-            fused.stats.masked_vocab_rows,
-        )?;
+        let stats = TntKernelStats::from_rows(&row_stats, &plan.labels, &neg, &plan.active)?;
         stats.record(&fused.values, &mut sink)?;
     }
     check_overflow(op, &tok, cfg.non_finite, &[logits, ref_logits])?;
     finish(op, tok, plan.count, cfg.reduction, sink.finish()?).map(Some)
 }
 
-/// The per-row quantities behind the TNT metrics, computed with value-only kernel calls (no
-/// `[N, V]` temporaries): the same metrics as [`tnt_metrics`] on the composite path.
+/// The per-row quantities behind the TNT metrics, from the kernel's sweep
+/// ([`amend_kernels::tnt_with_stats`]): the same metrics as [`tnt_metrics`] on the composite
+/// path, with no extra pass over `[N, V]`.
 pub(crate) struct TntKernelStats {
     neg: Tensor,
     pos: Tensor,
@@ -532,52 +533,30 @@ pub(crate) struct TntKernelStats {
 }
 
 impl TntKernelStats {
-    /// Statistics of the rows of `z` / `zo` (`[..., V]`, CPU f32 or convertible), `labels`,
-    /// `neg` and `active` shaped like the leading dimensions; `masked_rows` is the kernel's count
-    /// of active rows with `−inf` logits.
-    pub(crate) fn new(
-        op: &'static str,
-        z: &Tensor,
-        zo: &Tensor,
+    /// Statistics from the kernel's rows `stats` (in the element order of `neg`), with `labels`,
+    /// `neg` and `active` shaped like the leading dimensions (CPU).
+    pub(crate) fn from_rows(
+        stats: &[TntRowStats],
         labels: &Tensor,
         neg: &Tensor,
         active: &Tensor,
-        masked_rows: usize,
     ) -> Result<Self> {
-        let _guard = tch::no_grad_guard();
-        let pos = active.f_logical_and(&neg.f_logical_not()?)?;
-        let (l_y, _) = logp_at(op, z, labels, neg)?;
-        let zo_r = restrict_to_support(zo, z, masked_rows)?;
-        let (ref_l_y, _) = logp_at(op, &zo_r, labels, neg)?;
-        // KL to the ideal (unsmoothed) target: q (label removed) at negatives, p° at positives.
-        let exclude = labels.f_where_scalarother(neg, -1)?.f_contiguous()?;
-        let ex = CpuSlice::<i64>::strict(&exclude, op, "exclude")?;
-        let zs = CpuSlice::<f32>::new(z, op, "logits")?;
-        let zos = CpuSlice::<f32>::new(zo, op, "ref_logits")?;
-        let scale = row_scale(active)?;
-        let ss = CpuSlice::<f32>::strict(&scale, op, "row_scale")?;
-        let mut kl = CpuBuf::empty(&active.size())?;
-        let vocab = usize::try_from(z.size().last().copied().unwrap_or(0)).unwrap_or(0);
-        let kcfg = TokenKlConfig::default().with_ignore_index(None).with_threads(threads());
-        amend_kernels::token_kl(
-            LogitsIo::value(zs.as_slice()),
-            vocab,
-            KlTarget::Reference { ref_logits: zos.as_slice(), exclude: Some(ex.as_slice()) },
-            Some(ss.as_slice()),
-            &kcfg,
-            kl.as_mut_slice(),
-        )?;
-        let am = argmax(z)?;
-        let top1 = am.f_eq_tensor(labels)?;
-        let am_ref =
-            if masked_rows == 0 { argmax(zo)? } else { target_argmax(op, zo, z, None, active)? };
-        let agree = am.f_eq_tensor(&am_ref)?;
+        let shape = neg.size();
+        let f32s = |f: fn(&TntRowStats) -> f32| {
+            Tensor::from_slice(&stats.iter().map(f).collect::<Vec<f32>>()).f_view(shape.as_slice())
+        };
+        let ids = |f: fn(&TntRowStats) -> i64| {
+            Tensor::from_slice(&stats.iter().map(f).collect::<Vec<i64>>()).f_view(shape.as_slice())
+        };
+        let am = ids(|s| s.argmax)?;
+        let top1 = am.f_eq_tensor(&labels.f_view(shape.as_slice())?)?;
+        let agree = am.f_eq_tensor(&ids(|s| s.ref_argmax)?)?;
         Ok(TntKernelStats {
             neg: neg.shallow_clone(),
-            pos,
-            l_y,
-            ref_l_y,
-            kl: kl.into_tensor(),
+            pos: active.f_logical_and(&neg.f_logical_not()?)?,
+            l_y: f32s(|s| s.logp_y)?,
+            ref_l_y: f32s(|s| s.ref_logp_y)?,
+            kl: f32s(|s| s.kl)?,
             top1,
             agree,
         })
