@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test peer-fixtures test-other-cpu test-compare test-transformers check fmt clippy doc bench-build bench-smoke clean-cache
+.PHONY: setup demo test peers peer-fixtures test-other-cpu test-compare test-transformers check fmt clippy doc bench-build bench-smoke clean-cache
 
 ## setup: install PyTorch 2.13.0 into the cache and point cargo at it
 setup:
@@ -53,19 +53,23 @@ doc: setup
 bench-build: setup
 	$(CARGO) bench --workspace --no-run
 
-## peer-fixtures: install the pinned peers (TRL 1.16.0, liger-kernel 0.8.5 and TRL's runtime
-## dependencies; torch and transformers untouched) into the setup's venv and regenerate
-## crates/amend-losses/tests/fixtures/peers.json from their own loss code
+## peers: install the pinned peers (TRL 1.16.0, liger-kernel 0.8.5 and TRL's runtime
+## dependencies; torch and transformers untouched) into the setup's venv (seconds when present)
 PEER_PY = $$(grep AMEND_TORCH_PYTHON .cargo/config.toml | cut -d'"' -f2)
-peer-fixtures: setup
+peers: setup
 	$(PEER_PY) -m pip install -q --no-deps trl==1.16.0 liger-kernel==0.8.5 accelerate==1.16.0 \
 		datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pandas==3.1.1 psutil==7.2.2 pyarrow==26.0.1 \
 		python-dateutil==4.0.0 tzdata==2026.6 xxhash==4.1.0
+
+## peer-fixtures: regenerate crates/amend-losses/tests/fixtures/peers.json from the peers' own
+## loss code
+peer-fixtures: peers
 	$(PEER_PY) scripts/gen_peer_fixtures.py
 
 ## bench-smoke: every benchmark once, to the end (criterion's --test mode; the custom-harness
-## benches do one short round), about 3 minutes after the release build
-bench-smoke: setup
+## benches do one short round), about 3 minutes after the release build; the peers bench runs
+## Liger-Kernel, so the pinned peers are installed first
+bench-smoke: peers
 	$(CARGO) bench --workspace -- --test
 
 ## examples: run every top-level example in the debug profile (as CI does)

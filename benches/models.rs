@@ -24,12 +24,19 @@
 //! Results are printed as a markdown table and written to `target/bench-models.json`.
 //!
 //! Forward = logits of every position under no-grad (eval mode). Train step = zero grads,
-//! forward, next-token cross-entropy, backward, clip the gradient norm to 1, AdamW step.
+//! forward, next-token cross-entropy, backward, clip the gradient norm to 1, AdamW step. TNT step
+//! = the same step with TNFF (α = 1, token mean) instead of cross-entropy: every 8th position's
+//! next token is annotated unwanted (weight −1), the others +1, the last position unused (0);
+//! the reference logits are computed once, outside the timed steps. amend calls `tnt_loss` on the
+//! kernel backend with metrics off; PyTorch writes TNFF as the torch composite a Python user
+//! would (`scripts/loss_cli_example.py`'s `tnff_torch`: two softmaxes, a scatter, a weighted
+//! sum), on the same ids, labels and weights (passed in a safetensors file).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use amend::losses::token::{TntConfig, TntVariant, TokenBackend, TokenWeights, tnt_loss};
 use amend::models::train::{AdamWConfig, ScheduleKind, TrainConfig, Trainer, causal_lm_loss_sum};
 use amend::models::{CausalLm, Gpt2, Gpt2Config, SaveOptions};
 use serde_json::{Value, json};
@@ -94,7 +101,31 @@ fn timed(seconds: f64, mut f: impl FnMut()) -> (usize, f64) {
     (times.len(), median(times))
 }
 
-fn rust_round(model: &mut Gpt2, ids: &Tensor, seconds: f64) -> Vec<(String, f64, usize)> {
+/// The TNT step's annotations: next-token labels `[B, T]` (the last column unused), weights
+/// (−1 at every 8th position, 0 at the last, +1 elsewhere).
+fn tnt_batch(ids: &Tensor) -> (Tensor, Tensor) {
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let labels = Tensor::cat(&[ids.narrow(1, 1, t - 1), ids.narrow(1, 0, 1)], 1);
+    let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).expand([b, t], false);
+    let ones = Tensor::ones([b, t], (Kind::Int64, Device::Cpu));
+    let weights = ones
+        .where_self(&pos.remainder(8).ne(7), &Tensor::from(-1i64))
+        .where_self(&pos.ne(t - 1), &Tensor::from(0i64));
+    (labels, weights)
+}
+
+struct TntInputs {
+    labels: Tensor,
+    weights: Tensor,
+    ref_logits: Tensor,
+}
+
+fn rust_round(
+    model: &mut Gpt2,
+    ids: &Tensor,
+    tnt: &TntInputs,
+    seconds: f64,
+) -> Vec<(String, f64, usize)> {
     let tokens = ids.numel() as f64;
     let (n_f, fwd) = timed(seconds, || {
         let _g = tch::no_grad_guard();
@@ -122,9 +153,31 @@ fn rust_round(model: &mut Gpt2, ids: &Tensor, seconds: f64) -> Vec<(String, f64,
             })
             .expect("train step");
     });
-    vec![("forward".into(), tokens / fwd, n_f), ("train".into(), tokens / train, n_t)]
+    let weights = TokenWeights::new(&tnt.weights).expect("weights");
+    let tnt_cfg = TntConfig::new(TntVariant::Ff)
+        .with_alpha(1.0)
+        .with_reduction(amend::losses::Reduction::Mean)
+        .with_backend(TokenBackend::Kernel)
+        .with_metrics(false);
+    let (n_n, tnt_step) = timed(seconds, || {
+        trainer
+            .step(model, |m, step| {
+                let logits = m.forward(ids, None)?;
+                let out = tnt_loss(&logits, &tnt.ref_logits, &tnt.labels, &weights, &tnt_cfg)
+                    .expect("tnt_loss");
+                step.backward(&out.loss)?;
+                Ok(())
+            })
+            .expect("tnt step");
+    });
+    vec![
+        ("forward".into(), tokens / fwd, n_f),
+        ("train".into(), tokens / train, n_t),
+        ("tnt".into(), tokens / tnt_step, n_n),
+    ]
 }
 
+#[allow(clippy::too_many_arguments)]
 fn python_round(
     python: &str,
     script: &Path,
@@ -133,9 +186,11 @@ fn python_round(
     threads: i32,
     seconds: f64,
     check: Option<&Path>,
+    batch: &Path,
 ) -> Vec<Value> {
     let mut cmd = Command::new(python);
     cmd.arg(script)
+        .args(["--batch-file", batch.to_str().expect("utf-8 path")])
         .args(["--model", dir.to_str().expect("utf-8 path")])
         .args(["--batch", &s.batch.to_string(), "--seq", &s.seq.to_string()])
         .args(["--threads", &threads.to_string(), "--seconds", &seconds.to_string()]);
@@ -184,10 +239,21 @@ fn main() {
         let logits = model.forward_no_grad(&check_ids, None).expect("forward");
         Tensor::write_safetensors(&[("ids", &check_ids), ("logits", &logits)], &check)
             .expect("write check");
-        let (mut best_r, mut best_p) = (vec![0.0f64; 2], vec![0.0f64; 2]);
+        let (labels, weights) = tnt_batch(&ids);
+        let batch = work.join("batch.safetensors");
+        Tensor::write_safetensors(
+            &[("ids", &ids), ("labels", &labels), ("weights", &weights)],
+            &batch,
+        )
+        .expect("write batch");
+        let ref_logits = model.forward_no_grad(&ids, None).expect("reference logits");
+        let tnt = TntInputs { labels, weights, ref_logits };
+        let (mut best_r, mut best_p) = (vec![0.0f64; 3], vec![0.0f64; 3]);
         let mut check_diff = None;
         for round in 0..rounds {
-            for (i, (_, tps, _)) in rust_round(&mut model, &ids, seconds).into_iter().enumerate() {
+            for (i, (_, tps, _)) in
+                rust_round(&mut model, &ids, &tnt, seconds).into_iter().enumerate()
+            {
                 best_r[i] = best_r[i].max(tps);
             }
             if let Some(py) = &python {
@@ -199,6 +265,7 @@ fn main() {
                     threads,
                     seconds,
                     (round == 0).then_some(check.as_path()),
+                    &batch,
                 );
                 for v in res {
                     if let Some(d) = v["check"].as_f64() {
@@ -207,6 +274,7 @@ fn main() {
                     let i = match v["mode"].as_str() {
                         Some("forward") => 0,
                         Some("train") => 1,
+                        Some("tnt") => 2,
                         _ => continue,
                     };
                     best_p[i] = best_p[i].max(v["tokens_per_s"].as_f64().unwrap_or(0.0));
@@ -216,7 +284,7 @@ fn main() {
         if let Some(d) = check_diff {
             assert!(d < 1e-3, "{}: transformers logits differ by {d}", s.name);
         }
-        for (i, mode) in ["forward", "train step"].iter().enumerate() {
+        for (i, mode) in ["forward", "train step", "tnt step"].iter().enumerate() {
             rows.push(json!({
                 "shape": s.name, "batch": s.batch, "seq": s.seq, "mode": mode, "threads": threads,
                 "amend_tokens_per_s": best_r[i],

@@ -33,6 +33,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 #[path = "common/flce.rs"]
 mod flce;
+#[path = "common/proc_status.rs"]
+mod proc_status;
+
+use proc_status::{reset_peak, status_kib};
 
 const ENV: &str = "AMEND_PEAK_CASE";
 
@@ -145,15 +149,6 @@ fn parent_kernels(exe: &std::path::Path) {
             }
         }
     }
-}
-
-fn status_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{field} missing from /proc/self/status"))
 }
 
 struct Case {
@@ -303,8 +298,7 @@ fn child_flce(case: &str) {
     step(&warm);
     drop(warm);
     let x = flce::flce_inputs(dims[0], dims[1], dims[2]);
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
-    let before = status_kib("VmRSS:");
+    let before = reset_peak();
     let loss = step(&x);
     let peak = status_kib("VmHWM:");
     assert!(x.h.grad().defined() && x.w.grad().defined(), "gradients exist after the step");
@@ -325,10 +319,7 @@ fn child(case: &str) {
     step(&c, &mut warm);
     drop(warm);
     let mut inp = inputs(&c, c.n, c.v);
-    // Reset the peak-RSS counter (Linux ≥ 4.0), so that allocations made while preparing the
-    // inputs do not count.
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
-    let before = status_kib("VmRSS:");
+    let before = reset_peak();
     step(&c, &mut inp);
     let peak = status_kib("VmHWM:");
     println!(
