@@ -548,6 +548,21 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
         report.changed.len(),
         dir.display()
     );
+    // Decoded tokens of the logit-lens view (ids when the model has no tokenizer).
+    let show = |ids: &[i64]| -> String {
+        let words: Vec<String> = ids
+            .iter()
+            .take(6)
+            .map(|&t| match model.tokenizer() {
+                Some(tok) => match tok.decode(&[t as u32], false) {
+                    Ok(w) => format!("{w:?}"),
+                    Err(_) => format!("#{t}"),
+                },
+                None => format!("#{t}"),
+            })
+            .collect();
+        words.join(" ")
+    };
     for l in &report.layer_summaries {
         println!(
             "  layer {:>3}: sigma_1..k = {:?}, k_eff = {}, energy {:.3}{}",
@@ -557,6 +572,15 @@ fn run_project(a: &ProjectArgs) -> Result<()> {
             l.explained_energy,
             if l.skipped { " (skipped)" } else { "" }
         );
+        for (j, d) in l.directions.iter().enumerate() {
+            println!(
+                "      v{}: energy {:.3}; W_U·v largest: {}; smallest: {}",
+                j + 1,
+                d.energy,
+                show(&d.top_tokens),
+                show(&d.bottom_tokens)
+            );
+        }
     }
     println!(
         "mean NLL per token: preferred {:.4} -> {:.4}, dis-preferred {:.4} -> {:.4}",

@@ -311,3 +311,58 @@ fn models_without_tokenizer_or_rank_above_hidden() {
         profs_edit(&mut m, &many, &ProfsConfig::default().with_layers(0..1).with_k(9)).unwrap_err();
     assert!(matches!(e, Error::RankTooLarge { k: 9, n_pairs: 10, hidden: 8 }), "{e}");
 }
+
+/// The logit-lens diagnostics of every direction: energies are `σ_j²/Σσ²` and sum to the
+/// layer's explained energy, the token lists are the two ends of `W_U v_j` computed here from
+/// the basis independently, and a mis-shaped head is a typed error.
+#[test]
+fn directions_are_the_two_ends_of_the_logit_lens() {
+    tch::set_num_threads(1);
+    let fx: Value = load_json_fixture(env!("CARGO_MANIFEST_DIR"), "profs_models.json");
+    let pairs = pairs_of(&fx["gpt2"]);
+    let mut m = load(fixture_dir("gpt2"), &LoadOptions::default()).unwrap();
+    let w_u = m.lm_head_weight().copy();
+    let cfg = ProfsConfig::default().with_layers(0..2).with_k(2);
+    let report = profs_edit(&mut m, &pairs, &cfg).unwrap();
+    let vocab = w_u.size()[0] as usize;
+    let top = amend_edit::profs::LENS_TOKENS.min(vocab);
+    for s in &report.layer_summaries {
+        assert_eq!(s.directions.len(), s.k_eff, "layer {}", s.layer);
+        let total: f64 = s.singular_values.iter().map(|x| x * x).sum();
+        let energies: Vec<f64> = s.directions.iter().map(|d| d.energy).collect();
+        for (j, e) in energies.iter().enumerate() {
+            assert!((e - s.singular_values[j].powi(2) / total).abs() < 1e-12);
+        }
+        assert!((energies.iter().sum::<f64>() - s.explained_energy).abs() < 1e-9);
+        for d in &s.directions {
+            assert_eq!((d.top_tokens.len(), d.bottom_tokens.len()), (top, top));
+            assert!(d.top_scores.windows(2).all(|w| w[0] >= w[1]), "largest first");
+            assert!(d.bottom_scores.windows(2).all(|w| w[0] <= w[1]), "smallest first");
+            assert!(d.top_scores[0] > d.bottom_scores[0]);
+        }
+    }
+    // Independently, on a basis from random embeddings: W_U·v by hand, sorted.
+    tch::manual_seed(3);
+    let opts = (Kind::Float, Device::Cpu);
+    let (xp, xn) = (Tensor::randn([12, 16], opts), Tensor::randn([12, 16], opts));
+    let basis = amend_edit::profs::profs_basis(&xp, &xn, 0, &cfg.basis_options(3)).unwrap();
+    let w_rand = Tensor::randn([40, 16], opts);
+    let dirs = basis.directions(&w_rand, 5).unwrap();
+    assert_eq!(dirs.len(), 3);
+    let v = basis.basis.as_ref().unwrap().to_kind(Kind::Double);
+    let scores = w_rand.to_kind(Kind::Double).matmul(&v);
+    for (j, d) in dirs.iter().enumerate() {
+        let col = flat(&scores.select(1, j as i64));
+        let mut order: Vec<usize> = (0..col.len()).collect();
+        order.sort_by(|&a, &b| col[b].total_cmp(&col[a]));
+        let want_top: Vec<i64> = order[..5].iter().map(|&i| i as i64).collect();
+        let want_bottom: Vec<i64> = order.iter().rev().take(5).map(|&i| i as i64).collect();
+        assert_eq!(d.top_tokens, want_top, "direction {j}: largest");
+        assert_eq!(d.bottom_tokens, want_bottom, "direction {j}: smallest");
+        for (got, &i) in d.top_scores.iter().zip(&order[..5]) {
+            assert!((got - col[i]).abs() < 1e-5, "direction {j}: score {got} vs {}", col[i]);
+        }
+    }
+    let bad = Tensor::zeros([5, 3], (Kind::Float, Device::Cpu));
+    assert!(matches!(basis.directions(&bad, 3), Err(Error::ShapeMismatch { .. })));
+}

@@ -25,8 +25,9 @@
 //! weights ([`profs_edit`]), tuning-free, from preference pairs built from the same usable
 //! groups (each unwanted response paired with a clean response of its prompt, as for DPO). Its
 //! knob is the rank `k` of the projected subspace; the edited layers are
-//! [`profs_layers`] (the upper 60 % of the blocks, as in the reference ranges). The budget does
-//! not apply to it; its wall time is reported like the others'.
+//! [`profs_layers`] (the upper 60 % of the blocks; the reference sets its ranges by hand per
+//! model, see there). The budget does not apply to it; its wall time is reported like the
+//! others'.
 //!
 //! [`tnt_loss`]: amend_losses::tnt_loss
 //! [`nl_loss`]: amend_losses::nl_loss
@@ -685,8 +686,14 @@ pub fn train_method(
 }
 
 /// The layers ProFS edits in an `L`-layer model when none are given: `⌊2L/5⌋..L`, the upper
-/// 60 % of the blocks, which is where the reference ranges start (gpt2-medium 10..24 of 24,
-/// Mistral 15..32 of 32, OPT 10..32 of 32). Every layer of a one- or two-layer model.
+/// 60 % of the blocks (every layer of a one- or two-layer model).
+///
+/// The reference code (DeTox / ProFS, Uppaal et al.) fixes its ranges by hand per model: layers
+/// 10..24 of gpt2-medium's 24, 15..32 of Mistral-7B's 32 and 10..32 of OPT's 32, which start at
+/// 42 %, 47 % and 31 % of the depth. No single formula gives all three; this default follows
+/// their proportion (the upper layers, 9..24 for 24 layers), it does not reproduce them. Pass
+/// the range explicitly (`amend edit project --layers 10..24`) to match the reference on one of
+/// those models.
 ///
 /// ```
 /// use amend_eval::methods::profs_layers;

@@ -62,8 +62,91 @@ impl LayerBasis {
             sigma_k_over_sigma_1: if s1 > 0.0 { sk / s1 } else { 0.0 },
             explained_energy: self.explained_energy,
             skipped: self.skipped,
+            directions: Vec::new(),
         }
     }
+
+    /// The diagnostics of each basis direction `v_j` (`j < k_eff`): its share `σ_j² / Σ_i σ_i²`
+    /// of the difference matrix's energy, and the "logit lens" view the reference logs, the
+    /// `top` tokens with the largest and the smallest entries of `W_U v_j` (`unembedding` is
+    /// the LM head `[vocab, hidden]`; no final norm is applied). A singular vector has no sign,
+    /// so both ends are reported: when the subspace is the unwanted one, one end lists unwanted
+    /// tokens. Empty for a skipped layer.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when `unembedding` is not `[vocab, hidden]`; [`Error::Tch`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use amend_edit::profs::{profs_basis, BasisOptions, Centering};
+    /// use tch::Tensor;
+    /// // Pairs that differ along the first hidden axis only.
+    /// let xp = Tensor::from_slice(&[2.0f32, 1.0, 3.0, 0.5, 1.0, 1.0]).view([3, 2]);
+    /// let xn = Tensor::from_slice(&[0.0f32, 1.0, 0.5, 0.5, 1.0, 1.0]).view([3, 2]);
+    /// let opts = BasisOptions::new(1).with_centering(Centering::None);
+    /// let b = profs_basis(&xp, &xn, 0, &opts)?;
+    /// // A 3-token vocabulary: token 2 reads the first axis, token 0 its opposite.
+    /// let w_u = Tensor::from_slice(&[-1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0]).view([3, 2]);
+    /// let d = &b.directions(&w_u, 1)?[0];
+    /// assert!(d.energy > 0.999); // all the energy is on that axis
+    /// let ends = [d.top_tokens[0], d.bottom_tokens[0]];
+    /// assert!(ends == [2, 0] || ends == [0, 2]); // the two ends of the unwanted axis
+    /// # Ok::<(), amend_edit::Error>(())
+    /// ```
+    pub fn directions(&self, unembedding: &Tensor, top: usize) -> Result<Vec<DirectionSummary>> {
+        let Some(v) = &self.basis else { return Ok(Vec::new()) };
+        let (hidden, k) = (v.size()[0], v.size()[1]);
+        let us = unembedding.size();
+        if us.len() != 2 || us[1] != hidden {
+            return Err(Error::ShapeMismatch {
+                op: "LayerBasis::directions",
+                name: "unembedding",
+                expected: vec![-1, hidden],
+                got: us,
+            });
+        }
+        let _guard = tch::no_grad_guard();
+        // [vocab, k] in f32 (f64 for an f64 head): only the ranking and rough scores matter.
+        let kind = if unembedding.kind() == tch::Kind::Double {
+            tch::Kind::Double
+        } else {
+            tch::Kind::Float
+        };
+        let scores = unembedding.f_to_kind(kind)?.f_matmul(&v.f_to_kind(kind)?)?;
+        let total: f64 = self.singular_values.iter().map(|s| s * s).sum();
+        let top = top.min(us[0].max(0) as usize) as i64;
+        let mut out = Vec::with_capacity(k as usize);
+        for j in 0..k {
+            let col = scores.f_select(1, j)?;
+            let (hi, hi_idx) = col.f_topk(top, 0, true, true)?;
+            let (lo, lo_idx) = col.f_topk(top, 0, false, true)?;
+            let sj = self.singular_values.get(j as usize).copied().unwrap_or(0.0);
+            out.push(DirectionSummary {
+                energy: if total > 0.0 { sj * sj / total } else { 0.0 },
+                top_tokens: Vec::<i64>::try_from(&hi_idx)?,
+                top_scores: to_f64_vec(&hi)?,
+                bottom_tokens: Vec::<i64>::try_from(&lo_idx)?,
+                bottom_scores: to_f64_vec(&lo)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One direction of a layer's projected subspace (see [`LayerBasis::directions`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirectionSummary {
+    /// `σ_j² / Σ_i σ_i²`: the direction's share of the difference matrix's energy.
+    pub energy: f64,
+    /// Token ids with the largest entries of `W_U v_j`, largest first.
+    pub top_tokens: Vec<i64>,
+    /// Those entries.
+    pub top_scores: Vec<f64>,
+    /// Token ids with the smallest entries of `W_U v_j` (the other sign), smallest first.
+    pub bottom_tokens: Vec<i64>,
+    /// Those entries.
+    pub bottom_scores: Vec<f64>,
 }
 
 /// The per-layer numbers of a ProFS edit (report and manifest).
@@ -87,6 +170,10 @@ pub struct LayerSummary {
     pub explained_energy: f64,
     /// Left unedited (degenerate).
     pub skipped: bool,
+    /// Per basis direction: energy share and logit-lens tokens ([`LayerBasis::directions`];
+    /// empty in manifests written before they existed).
+    #[serde(default)]
+    pub directions: Vec<DirectionSummary>,
 }
 
 /// Checks `k` against the number of pairs and the hidden size (PF-6) and warns at `k = D`.

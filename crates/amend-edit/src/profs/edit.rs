@@ -155,7 +155,8 @@ pub struct ProfsReport {
     pub pair_indices: PairIndices,
     /// Texts cut to `max_len` tokens.
     pub truncated_texts: usize,
-    /// Per-layer singular values, ranks and explained energy.
+    /// Per-layer singular values, ranks and explained energy, and per basis direction its
+    /// energy share and logit-lens tokens ([`LENS_TOKENS`] at each end).
     pub layer_summaries: Vec<LayerSummary>,
     /// Every tensor the edit changed, and by how much.
     pub changed: Vec<TensorChange>,
@@ -242,6 +243,9 @@ fn check_texts(pairs: &[PreferencePair]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Tokens listed at each end of a direction's logit-lens view in the report.
+pub const LENS_TOKENS: usize = 10;
 
 /// Projects the dis-preferred subspace out of the MLP value weights of `model`, in place
 /// (ProFS / DeTox, arXiv 2405.13967; reference `Uppaal/detox-edit`).
@@ -394,6 +398,14 @@ pub fn profs_edit<M: CausalLm + ?Sized>(
         bases.push(profs_basis(p, q, l, &opts)?);
     }
 
+    // Diagnostics of each direction (the head is not edited, so before or after is the same).
+    let mut layer_summaries = Vec::with_capacity(bases.len());
+    for b in &bases {
+        let mut summary = b.summary();
+        summary.directions = b.directions(model.lm_head_weight(), LENS_TOKENS)?;
+        layer_summaries.push(summary);
+    }
+
     // Edit.
     let changed = apply_bases(model, &targets, &bases)?;
     let skipped_layers: Vec<usize> = bases.iter().filter(|b| b.skipped).map(|b| b.layer).collect();
@@ -415,7 +427,7 @@ pub fn profs_edit<M: CausalLm + ?Sized>(
         pairs_used: n,
         pair_indices: idx,
         truncated_texts: truncated,
-        layer_summaries: bases.iter().map(LayerBasis::summary).collect(),
+        layer_summaries,
         changed,
         skipped_layers,
         warnings,

@@ -51,11 +51,11 @@ mod embed;
 mod project;
 mod targets;
 
-pub use basis::{LayerBasis, LayerSummary, check_rank, profs_bases, profs_basis};
+pub use basis::{DirectionSummary, LayerBasis, LayerSummary, check_rank, profs_bases, profs_basis};
 pub use config::{BasisOptions, Centering, Pairing, Pooling, ProfsConfig, RankPolicy, SvdDtype};
 pub use edit::{
-    PairIndices, PreferencePair, ProfsReport, apply_bases, profs_deliberate_differences,
-    profs_edit, profs_edit_dir, profs_manifest, sample_pair_indices,
+    LENS_TOKENS, PairIndices, PreferencePair, ProfsReport, apply_bases,
+    profs_deliberate_differences, profs_edit, profs_edit_dir, profs_manifest, sample_pair_indices,
 };
 pub use embed::{pool_hidden, pooled_embeddings};
 pub use project::{Side, TensorChange, WeightLayout, apply_projection, projected};
