@@ -280,7 +280,9 @@ pub fn tnt_with_stats(
 }
 
 /// The statistics of one active row (see [`TntRowStats`]); `lse` is the row's log-sum-exp when
-/// the caller has it. Uses scratch row 1; the row was validated by the caller's pass.
+/// the caller has it. Reads scratch row 2 when the forward row left the reference's
+/// exponentials there ([`Scratch::ref_exp`]), else writes them into row 1; the row was validated
+/// by the caller's pass.
 fn row_stats(
     z: &[f32],
     zr: &[f32],
@@ -315,15 +317,14 @@ fn row_stats(
     // KL(t ‖ p) = Σ t (log t − log p) = Σ e°(z° − z)/s° + LSE(z) − (m° + ln s°).
     let dot = simd::weighted_diff_sum(e, zr, z);
     let kl = (dot / f64::from(sr)) as f32 + lse - (mr + lnsr);
-    let ref_lse = if mask.is_some_and(|z| z[y] == f32::NEG_INFINITY) || !neg {
-        mr + lnsr
-    } else {
-        log_add_exp(mr + lnsr, zr[y])
-    };
+    // `y` outside the row vocabulary has no reference mass; otherwise a negative row's target
+    // sum lacks `y`, which the full reference LSE adds back.
     let ref_logp_y = if mask.is_some_and(|z| z[y] == f32::NEG_INFINITY) {
         f32::NEG_INFINITY
+    } else if neg {
+        zr[y] - log_add_exp(mr + lnsr, zr[y])
     } else {
-        zr[y] - ref_lse
+        zr[y] - (mr + lnsr)
     };
     TntRowStats {
         logp_y: z[y] - lse,
