@@ -2,8 +2,10 @@
 //! expected to win), and real use with `--model DIR --data FILE.jsonl` on the tiny fixture
 //! models of amend-models.
 //!
-//! The `--quick` test trains the quick base model and runs 28 sweep points: about 40 s in a
-//! release build but 1.5 to 2.5 minutes in the debug profile of `make test`, so it is
+//! The `--quick` test trains the quick base model and runs 212 points (108 runs, two seeds),
+//! then the same command again, which reads every run back from the point cache: about 2.5
+//! minutes in a release build on 2 cores and far longer in the debug profile of `make test`, so
+//! it is
 //! `#[ignore]`d there and run by `make test-compare` (release). The same pipeline (every method,
 //! report files) is checked in the debug suite by `a_small_comparison_writes_a_complete_report`
 //! in `crates/amend-eval/tests/pipeline.rs` on a smaller model and configuration.
@@ -70,22 +72,27 @@ fn quick_compare_writes_a_complete_report() {
         &["compare", "--quick", "--seed", "3", "--out", out.to_str().unwrap(), "--no-progress"],
         &tmp.0.join("cache"),
     ));
-    assert!(stdout.contains("best point of each method at unwanted rate"), "{stdout}");
+    assert!(stdout.contains("scores of each method over 2 seeds"), "{stdout}");
     assert!(stdout.contains(&format!("Report: {}/", out.display())), "{stdout}");
 
     let r = results(&out);
-    assert_eq!(r.format, 1);
+    assert_eq!(r.format, 2);
     assert_eq!(r.config.mode, "quick");
     assert_eq!(r.config.seed, 3);
     assert!(r.base_model.trained_now, "the cache was empty");
     assert!(Path::new(&r.base_model.dir).starts_with(tmp.0.join("cache").join("models")));
     let methods = amend::eval::methods::Method::ALL;
-    assert_eq!(r.points.len(), 2 * methods.len());
-    assert_eq!(r.best.len(), methods.len());
+    // Two seeds × (13 trained methods × 2 strengths × 2 learning rates × 2 checkpoints + ProFS
+    // at 2 ranks).
+    assert_eq!(r.points.len(), 2 * ((methods.len() - 1) * 8 + 2));
+    assert_eq!(r.summary.len(), methods.len());
     for m in methods {
-        assert_eq!(r.points.iter().filter(|p| p.method == m).count(), 2, "{m}");
+        let n = if m.is_tuning_free() { 4 } else { 16 };
+        assert_eq!(r.points.iter().filter(|p| p.method == m).count(), n, "{m}");
     }
-    let base = &r.base_metrics;
+    assert_eq!((r.timing.runs, r.timing.cached_runs), (2 * ((methods.len() - 1) * 4 + 2), 0));
+    // The first seed's base model (r.base_metrics is the mean over seeds).
+    let base = &r.seed_runs[0].base_metrics;
     let base_rate = base.unwanted_rate.unwrap();
     assert!(base_rate.value > 0.0 && base_rate.value < 0.5, "{base_rate:?}");
     let kl_base = r.base_facts.kl_ideal_base.unwrap().value;
@@ -98,24 +105,28 @@ fn quick_compare_writes_a_complete_report() {
         assert!(m.kl_ideal.unwrap().value.is_finite(), "{}", p.label());
         assert!(m.kl_control.unwrap().value.is_finite(), "{}", p.label());
         assert!(m.heldout_perplexity.unwrap() > 1.0, "{}", p.label());
-        let steps = if p.method.is_tuning_free() { 0 } else { r.config.budget.steps };
-        assert_eq!(p.train.losses.len(), steps, "{}", p.label());
+        assert_eq!(p.train.losses.len(), p.steps, "{}", p.label());
         assert!(p.train.seconds > 0.0 && m.eval_seconds > 0.0);
         assert!(!m.examples.is_empty());
-        if cfg!(target_os = "linux") {
-            assert!(p.memory.peak_rss_bytes.unwrap() >= 10 << 20, "{:?}", p.memory);
-        }
+    }
+    if cfg!(target_os = "linux") {
+        assert!(r.timing.peak_rss_bytes.unwrap() >= 10 << 20, "{:?}", r.timing);
     }
     for key in ["git_commit", "libtorch_version", "command", "amend_version", "libtorch_threads"] {
         assert!(r.environment.contains_key(key), "{key}");
     }
     assert!(r.environment["command"].starts_with("amend compare --quick --seed 3"));
-    assert!(r.target_rate.unwrap() > 0.0);
+    assert!(r.matched_rates.len() == 2 && r.matched_rates[0] > 0.0);
+    assert!(r.summary.iter().any(|m| m.area.best));
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for needle in
-        ["## Each method's best point", "## Every sweep point", "![unwanted rate", "| base p° |"]
-    {
+    for needle in [
+        "## Which method is best",
+        "## Frontiers",
+        "## Every setting",
+        "![unwanted rate",
+        "| base p° |",
+    ] {
         assert!(md.contains(needle), "{needle}");
     }
     for m in methods {
@@ -127,6 +138,17 @@ fn quick_compare_writes_a_complete_report() {
     let png = std::fs::read(out.join("plot.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(png.len() > 20_000);
+
+    // The same command again resumes from the point cache: every run is read back, the
+    // numbers are the same, and the report is replaced.
+    let stdout = ok(&amend(
+        &["compare", "--quick", "--seed", "3", "--out", out.to_str().unwrap(), "--no-progress"],
+        &tmp.0.join("cache"),
+    ));
+    let resumed = results(&out);
+    assert_eq!(resumed.timing.cached_runs, resumed.timing.runs, "{stdout}");
+    assert_eq!(resumed.points, r.points);
+    assert_eq!(resumed.summary, r.summary);
 
     // The report folder is replaced atomically by a new report, never over something else.
     amend::eval::report::write_report(&r, &out).unwrap();
@@ -164,6 +186,10 @@ fn real_use_runs_on_a_local_model_with_user_data() {
                 "tnrr,dpo,neat,profs",
                 "--steps",
                 "3",
+                "--lr",
+                "1e-4",
+                "--seeds",
+                "1",
                 "--seed",
                 "7",
                 "--out",
@@ -175,7 +201,7 @@ fn real_use_runs_on_a_local_model_with_user_data() {
         assert!(stdout.contains("Report:"), "{stdout}");
         let r = results(&out);
         assert_eq!(r.config.mode, "quick-user");
-        assert_eq!((r.config.seed, r.config.budget.steps), (7, 3));
+        assert_eq!((r.config.seed, r.config.grid.steps.as_slice()), (7, &[3][..]));
         assert_eq!(r.points.len(), 8);
         // Three annotated pairs: ProFS cannot estimate a rank-8 subspace, which is reported as
         // the point's error while the comparison goes on.
@@ -236,7 +262,7 @@ fn without_a_word_list_the_report_says_what_was_skipped() {
         assert!(p.metrics.unwanted_rate.is_none() && p.metrics.kl_ideal.is_none());
         assert!(p.metrics.unwanted_token_logprob.is_some());
     }
-    assert!(r.target_rate.is_none());
+    assert!(r.matched_rates.is_empty() && r.summary.iter().all(|m| m.area.mean.is_none()));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Skipped metrics") && md.contains("no unwanted-word list"));
     assert!(!out.join("plot.svg").exists());

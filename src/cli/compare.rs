@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 use amend::eval::compare::{
-    BaseModelInfo, CompareConfig, NoProgress, Progress, TargetRate, run_comparison, run_synthetic,
+    BaseModelInfo, CompareConfig, NoProgress, PointCache, Progress, Regime, default_point_cache,
+    run_comparison, run_synthetic,
 };
 use amend::eval::methods::Method;
 use amend::eval::progress::TerminalProgress;
@@ -18,33 +19,53 @@ use amend::models::CausalLm;
 /// Without --model, runs the embedded synthetic suppression task: a tiny GPT-2 (trained once
 /// and cached under ${AMEND_CACHE_DIR:-~/.cache/amend}/models) says one of five made-up words
 /// in about a fifth of its responses. Every method (TNT variants, NL, UL, Welleck UL, NPO, DPO,
-/// CP, RRHF, NEAT) starts from that model, trains on the same annotated samples with the same
-/// budget over a sweep of its strength (ProFS, tuning-free, edits the weights once per rank k
-/// from pairs of the same samples), and is scored on held-out prompts by its unwanted rate
-/// and by KL(p*‖p_new), its distance to the ideal update p* (the base model conditioned on never
-/// producing an unwanted word). The report folder gets report.md (tables), results.json (every
-/// number and the configuration), plot.svg and plot.png.
+/// CP, RRHF, NEAT) starts from that model and trains on the same annotated samples over the
+/// same grid: each strength of its sweep × every learning rate × every step count (ProFS,
+/// tuning-free, edits the weights once per rank k). Everything is repeated for two training
+/// seeds. Each point is scored on held-out prompts by its unwanted rate and by KL(p*‖p_new),
+/// its distance to the ideal update p* (the base model conditioned on never producing an
+/// unwanted word); each method by its Pareto frontier: the lowest KL at a quarter and half of
+/// the base model's unwanted rate, and the area under the frontier (0 ideal, 1 no better than
+/// the base model), mean ± standard error over seeds. The report folder gets report.md,
+/// results.json (every number and the configuration), plot.svg and plot.png.
+///
+/// Finished runs are cached (under ${AMEND_CACHE_DIR:-~/.cache/amend}/compare-points, or
+/// --cache-dir/compare-points) by a hash of everything that determines them, so an interrupted
+/// comparison started again resumes where it stopped (--fresh recomputes everything).
 ///
 /// With --model DIR --data FILE.jsonl, runs the same comparison on a local Hugging Face model
 /// with your prompts and annotations (schema: docs/compare-data.md).
 ///
 /// Examples:
-///   amend compare                        # 3 to 6 minutes on 2 cores
-///   amend compare --quick                # about a minute; noisy numbers
-///   amend compare --methods tnff,tnrr,nl,ul,dpo --seed 1 --out reports/s1
+///   amend compare                        # about 10 minutes on 2 cores (docs/compare.md)
+///   amend compare --quick                # about 2 minutes; noisy numbers
+///   amend compare --task pairs           # minimal pairs for the sequence-level methods
+///   amend compare --methods tnrr,nl,ul,dpo --seeds 3 --out reports/s3
+///   amend compare --lr 1e-4 --steps 60 --seeds 1   # one budget, one seed (the old report)
 ///   amend compare --model ./my-gpt2 --data prompts.jsonl --quick
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
-    /// Smaller base model, fewer samples, 20 steps and two sweep points per method.
+    /// Smaller base model, fewer samples, steps 10 and 20, two strengths per method.
     #[arg(long)]
     pub quick: bool,
+    /// The regime: `sampled` (temperature-1 samples of the base model; sequence-level methods
+    /// pair unrelated clean and unwanted responses of a prompt) or `pairs` (the same samples
+    /// for the token-level methods; minimal pairs, each unwanted response and itself without
+    /// the unwanted words, for NPO, DPO, CP, RRHF, NEAT and ProFS). Synthetic task only for
+    /// `pairs`.
+    #[arg(long, default_value = "sampled", value_name = "REGIME", value_parser = parse_regime)]
+    pub task: Regime,
     /// Comma-separated methods (default: all): tnff, tnrr, tnrf, tnfll, tnrll, nl, ul,
     /// welleck_ul, npo, dpo, cp, rrhf, neat, profs.
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub methods: Vec<String>,
-    /// Seed of the training-data samples, the batch order and the evaluation samplers.
+    /// The first training seed (of the training-data samples, the batch order and the
+    /// evaluation samplers); the run uses --seeds consecutive seeds from it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// How many training seeds (default 2). Tables give mean ± standard error over them.
+    #[arg(long, value_name = "N")]
+    pub seeds: Option<usize>,
     /// Seed of the synthetic task and its base model (a new value trains a new base model).
     #[arg(long, default_value_t = 0)]
     pub task_seed: u64,
@@ -53,32 +74,43 @@ pub struct CompareArgs {
     /// --data or the model cache.
     #[arg(long, default_value = "reports/compare", value_name = "DIR")]
     pub out: PathBuf,
-    /// libtorch threads. 1 is fastest for the tiny default model and safe when other jobs
-    /// share the cores (libtorch's thread pool spins while waiting).
+    /// libtorch threads per run. 1 is fastest for the tiny default model and safe when other
+    /// jobs share the cores (libtorch's thread pool spins while waiting).
     #[arg(long, default_value = "1", value_name = "N", value_parser = super::threads_arg)]
     pub threads: i32,
+    /// Runs trained at once, each on its own copy of the base model (default: one per logical
+    /// CPU). The numbers do not depend on it; per-point peak memory is measured only with 1.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// A local Hugging Face checkpoint to compare the methods on (needs --data).
     #[arg(long, value_name = "DIR", requires = "data")]
     pub model: Option<PathBuf>,
     /// Prompts and annotations for --model, JSON Lines (see docs/compare-data.md).
     #[arg(long, value_name = "FILE.jsonl", requires = "model")]
     pub data: Option<PathBuf>,
-    /// Training steps of every method (default: 60, or 20 with --quick).
-    #[arg(long, value_name = "N")]
-    pub steps: Option<usize>,
-    /// AdamW learning rate of every method (default 1e-4).
-    #[arg(long, value_name = "LR")]
-    pub lr: Option<f64>,
+    /// Comma-separated step counts at which every run is evaluated (default 20,60; with
+    /// --quick 10,20). One run per learning rate gives all of them.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub steps: Vec<usize>,
+    /// Comma-separated AdamW learning rates of every method (default 1e-4,3e-4).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub lr: Vec<f64>,
     /// Layers ProFS edits, half-open START..END (default: the upper 60 % of the blocks,
     /// ⌊2L/5⌋..L, where the reference ranges start).
     #[arg(long, value_name = "START..END", value_parser = parse_range)]
     pub profs_layers: Option<std::ops::Range<usize>>,
-    /// Matched unwanted rate of the summary, as a fraction of the base model's rate.
-    #[arg(long, default_value_t = 0.25, value_name = "F")]
-    pub target_fraction: f64,
-    /// Where base models are cached (default ${AMEND_CACHE_DIR:-~/.cache/amend}/models).
+    /// Comma-separated matched unwanted rates of the scores, as fractions of the base model's
+    /// rate (default 0.25,0.5).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub matched: Vec<f64>,
+    /// Where base models are cached (default ${AMEND_CACHE_DIR:-~/.cache/amend}/models); the
+    /// finished runs go to its compare-points folder.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Recompute every run instead of reading finished ones from the point cache (they are
+    /// still written to it).
+    #[arg(long)]
+    pub fresh: bool,
     /// Do not draw progress bars or print progress lines.
     #[arg(long)]
     pub no_progress: bool,
@@ -104,23 +136,52 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         cfg = cfg.with_methods(&methods);
     }
     cfg = cfg.with_seed(args.seed);
+    cfg.regime = args.task;
     cfg.task.seed = args.task_seed;
     cfg.base_recipe.seed = args.task_seed;
     cfg.threads = Some(args.threads);
-    if let Some(s) = args.steps {
-        cfg.budget.steps = s.max(1);
-    }
-    if let Some(lr) = args.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            bail!("--lr must be a positive number");
+    if let Some(n) = args.seeds {
+        if n == 0 {
+            bail!("--seeds must be at least 1");
         }
-        cfg.budget.lr = lr;
+        cfg.seeds = n;
     }
-    if !(args.target_fraction.is_finite() && args.target_fraction > 0.0) {
-        bail!("--target-fraction must be positive");
+    if let Some(n) = args.workers {
+        if n == 0 {
+            bail!("--workers must be at least 1");
+        }
+        cfg.workers = n;
     }
-    cfg.target_rate = TargetRate::FractionOfBase(args.target_fraction);
+    if !args.steps.is_empty() {
+        if args.steps.contains(&0) {
+            bail!("--steps must be positive step counts");
+        }
+        cfg.grid.steps.clone_from(&args.steps);
+    }
+    if !args.lr.is_empty() {
+        if args.lr.iter().any(|lr| !(lr.is_finite() && *lr > 0.0)) {
+            bail!("--lr must be positive numbers");
+        }
+        cfg.grid.learning_rates.clone_from(&args.lr);
+    }
+    if !args.matched.is_empty() {
+        if args.matched.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            bail!("--matched must be positive fractions of the base model's rate");
+        }
+        cfg.matched_fractions.clone_from(&args.matched);
+    }
     cfg.profs_layers.clone_from(&args.profs_layers);
+    if args.task == Regime::Pairs && args.model.is_some() {
+        bail!(
+            "--task pairs needs the synthetic task's grammar; it does not apply to --model/--data"
+        );
+    }
+    let mut points = match &args.cache_dir {
+        Some(d) => PointCache::new(d.join("compare-points")),
+        None => default_point_cache(),
+    };
+    points.resume = !args.fresh;
+    let points = Some(&points);
     tch::set_num_threads(args.threads);
 
     let terminal = TerminalProgress::new();
@@ -144,12 +205,12 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                 parameters: model.params().num_elements(false),
                 seconds: t0.elapsed().as_secs_f64(),
             };
-            run_comparison(model.as_dyn(), info, &task, &cfg, progress)?
+            run_comparison(model.as_dyn(), info, &task, &cfg, points, progress)?
         }
         _ => {
             let cache =
                 args.cache_dir.clone().unwrap_or_else(amend::eval::base::default_model_cache);
-            run_synthetic(&cfg, &cache, progress)?
+            run_synthetic(&cfg, &cache, points, progress)?
         }
     };
     let runtime = amend::runtime::RuntimeInfo::detect();
@@ -167,8 +228,11 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     out += "\n";
     out += &terminal_summary(&results);
     out += &format!(
-        "\n{} sweep points in {:.0} s. Report: {}/ (report.md, results.json{})\n",
+        "\n{} points ({} runs, {} from the point cache) in {:.0} s. Report: {}/ (report.md, \
+         results.json{})\n",
         results.points.len(),
+        results.timing.runs,
+        results.timing.cached_runs,
         started.elapsed().as_secs_f64(),
         files.dir.display(),
         if files.svg.is_some() { ", plot.svg, plot.png" } else { "" }
@@ -202,6 +266,14 @@ fn check_out(args: &CompareArgs) -> Result<()> {
     };
     check_outputs(&[spec], &inputs)?;
     Ok(())
+}
+
+/// A `--task` regime.
+fn parse_regime(s: &str) -> std::result::Result<Regime, String> {
+    Regime::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = Regime::ALL.iter().map(|r| r.id()).collect();
+        format!("unknown regime `{s}` (known: {})", known.join(", "))
+    })
 }
 
 /// `START..END` (half-open, non-empty).

@@ -578,6 +578,57 @@ pub fn train_method(
     if method.is_tuning_free() {
         return profs_method(base, data, profs_rank(strength)?, None, seed);
     }
+    let mut stats = TrainStats::default();
+    let model = train_method_checkpoints(
+        base,
+        data,
+        method,
+        strength,
+        budget,
+        &[budget.steps],
+        seed,
+        on_step,
+        &mut |_, _, s| {
+            stats = s.clone();
+            Ok(())
+        },
+    )?;
+    Ok((model, stats))
+}
+
+/// [`train_method`] for `budget.steps` steps that stops at every step count of `checkpoints`
+/// on the way and calls `on_checkpoint(steps, model, stats)` with the model and the statistics
+/// so far (`final_metrics` over the last 10 steps before the checkpoint). Because the learning
+/// rate is constant after warm-up and the batch order depends only on `seed`, the model at
+/// checkpoint `s` is exactly the model a run of `s` steps returns: one run gives every point of
+/// a steps grid. Checkpoints outside `1..=budget.steps` are ignored; returns the final model.
+///
+/// # Errors
+/// As [`train_method`], and whatever `on_checkpoint` returns (which stops the run).
+/// [`Error::InvalidInput`] for ProFS (it is not trained).
+#[allow(clippy::too_many_arguments)]
+pub fn train_method_checkpoints(
+    base: &dyn CausalLm,
+    data: &TrainingData,
+    method: Method,
+    strength: f64,
+    budget: &Budget,
+    checkpoints: &[usize],
+    seed: u64,
+    on_step: &mut dyn FnMut(usize, f64),
+    on_checkpoint: &mut dyn FnMut(usize, &dyn CausalLm, &TrainStats) -> Result<()>,
+) -> Result<Box<dyn CausalLm>> {
+    if method.is_tuning_free() {
+        return Err(Error::InvalidInput {
+            op: "train_method_checkpoints",
+            name: "method".into(),
+            reason: format!("{method} is not trained (use profs_method)"),
+        });
+    }
+    let mut checkpoints: Vec<usize> =
+        checkpoints.iter().copied().filter(|&c| c >= 1 && c <= budget.steps).collect();
+    checkpoints.sort_unstable();
+    checkpoints.dedup();
     let t0 = std::time::Instant::now();
     let usable = data.usable_groups();
     if usable.is_empty() {
@@ -630,7 +681,9 @@ pub fn train_method(
     let mut cursor = order.len();
     let mut stats = TrainStats::default();
     let mut tail = amend_losses::Metrics::new();
+    let mut pending = checkpoints.iter().copied().peekable();
     for step in 0..budget.steps {
+        let next_checkpoint = pending.peek().copied().unwrap_or(budget.steps);
         let mut groups = Vec::with_capacity(budget.prompts_per_step);
         for _ in 0..budget.prompts_per_step.max(1) {
             if cursor == order.len() {
@@ -653,7 +706,7 @@ pub fn train_method(
         let report = trainer.step(&mut *model, |m, st| {
             match step_loss(method, strength, m, base, data, &batch, &groups, &candidates) {
                 Ok(out) => {
-                    if step + 10 >= budget.steps {
+                    if step + 10 >= next_checkpoint {
                         tail.merge(&out.metrics);
                     }
                     st.backward(&out.loss)?;
@@ -678,11 +731,16 @@ pub fn train_method(
         stats.grad_norms.push(report.grad_norm);
         stats.rows += rows.len();
         on_step(step + 1, report.loss);
+        if pending.peek() == Some(&(step + 1)) {
+            pending.next();
+            model.set_training(false);
+            stats.final_metrics = std::mem::take(&mut tail).to_means();
+            stats.seconds = t0.elapsed().as_secs_f64();
+            on_checkpoint(step + 1, &*model, &stats)?;
+        }
     }
     model.set_training(false);
-    stats.final_metrics = tail.to_means();
-    stats.seconds = t0.elapsed().as_secs_f64();
-    Ok((model, stats))
+    Ok(model)
 }
 
 /// The layers ProFS edits in an `L`-layer model when none are given: `⌊2L/5⌋..L`, the upper

@@ -1,5 +1,6 @@
-//! The comparison plot: unwanted rate against `KL(p*‖p_new)`, one curve per method through its
-//! sweep points, the base model and the ideal update `p*` at (0, 0) marked. Drawn with
+//! The comparison plot: unwanted rate against `KL(p*‖p_new)`, one curve per method along the
+//! Pareto frontier of its settings (means over seeds; its other settings as faint dots), the
+//! base model, the ideal update `p*` at (0, 0) and the matched rates marked. Drawn with
 //! `plotters` to SVG and PNG, with the DejaVu Sans font embedded in the binary (no system fonts
 //! are read; its license is `assets/DejaVuSans-LICENSE.txt`).
 
@@ -9,7 +10,7 @@ use std::sync::Once;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::compare::{CompareResults, fmt_value};
+use crate::compare::CompareResults;
 use crate::methods::Method;
 use crate::{Error, Result};
 
@@ -106,21 +107,25 @@ fn draw<DB: DrawingBackend>(
     let (area, legend) = root.split_horizontally(820);
     let base_rate = results.base_metrics.unwanted_rate.map_or(0.0, |e| e.value);
     let base_kl = results.base_metrics.kl_ideal.map_or(0.0, |e| e.value);
-    // (method, value label, KL, rate, se KL, se rate)
-    type Pt = (Method, String, f64, f64, Option<f64>, Option<f64>);
+    // (method, setting label, KL, rate, se KL, se rate, on the frontier): the settings' means
+    // over seeds.
+    type Pt = (Method, String, f64, f64, Option<f64>, Option<f64>, bool);
+    let on_front: std::collections::BTreeSet<usize> =
+        results.summary.iter().flat_map(|m| m.frontier.iter().copied()).collect();
     let pts: Vec<Pt> = results
-        .points
+        .aggregates
         .iter()
-        .filter(|p| p.error.is_none())
-        .filter_map(|p| {
-            let (kl, rate) = (p.metrics.kl_ideal?, p.metrics.unwanted_rate?);
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let (kl, rate) = (a.kl_ideal?, a.unwanted_rate?);
             Some((
-                p.method,
-                fmt_value(p.strength),
+                a.method,
+                a.setting(),
                 kl.value,
                 rate.value,
                 kl.se.is_finite().then_some(kl.se),
                 rate.se.is_finite().then_some(rate.se),
+                on_front.contains(&i),
             ))
         })
         .collect();
@@ -129,7 +134,6 @@ fn draw<DB: DrawingBackend>(
     // right edge as hollow circles with their value.
     let x_max = (max_kl.min(3.0 * base_kl.max(0.05)) * 1.08).max(0.05);
     let y_max = (pts.iter().map(|p| p.3).fold(base_rate, f64::max) * 1.1).max(0.01);
-    let target = results.target_rate;
     let mut chart = ChartBuilder::on(&area)
         .caption(
             format!("{}: unwanted rate vs distance to the ideal update", results.task.name),
@@ -147,14 +151,14 @@ fn draw<DB: DrawingBackend>(
         .axis_desc_style((FAMILY, 16))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    if let Some(t) = target {
+    for &t in &results.matched_rates {
         chart.draw_series(LineSeries::new(
             [(0.0, t), (x_max, t)],
             ShapeStyle { color: RGBColor(150, 150, 150).to_rgba(), filled: false, stroke_width: 1 },
         ))?;
         chart.draw_series(std::iter::once(Text::new(
             format!("matched rate {t:.3}"),
-            (x_max * 0.76, t + y_max * 0.012),
+            (x_max * 0.42, t + y_max * 0.022),
             (FAMILY, 12).into_font().color(&RGBColor(110, 110, 110)),
         )))?;
     }
@@ -165,15 +169,20 @@ fn draw<DB: DrawingBackend>(
     for sweep in &results.config.sweeps {
         let m = sweep.method;
         let (color, marker) = style_of(m);
-        let mine: Vec<&Pt> = pts.iter().filter(|p| p.0 == m).collect();
-        if mine.is_empty() {
+        let all: Vec<&Pt> = pts.iter().filter(|p| p.0 == m).collect();
+        if all.is_empty() {
             continue;
         }
+        // The other settings: faint dots.
+        chart.draw_series(
+            all.iter()
+                .filter(|p| !p.6 && p.2 <= x_max)
+                .map(|p| Circle::new((p.2, p.3), 2, color.mix(0.45).filled())),
+        )?;
+        let mut mine: Vec<&Pt> = all.iter().copied().filter(|p| p.6).collect();
+        mine.sort_by(|a, b| a.3.total_cmp(&b.3));
         legend_items.push((
-            format!("{} ({} {})", m.name(), m.strength_name(), {
-                let v: Vec<String> = mine.iter().map(|p| p.1.clone()).collect();
-                v.join(", ")
-            }),
+            format!("{} ({} of {} settings)", m.name(), mine.len(), all.len()),
             color,
             marker,
         ));
@@ -199,7 +208,7 @@ fn draw<DB: DrawingBackend>(
             let style = color.filled();
             if p.2 > x_max {
                 chart.draw_series(std::iter::once(Circle::new(at, 6, color.stroke_width(2))))?;
-                clipped.push((p.3, format!("{} {} →{:.2}", m.name(), p.1, p.2), color));
+                clipped.push((p.3, format!("{} →{:.2}", m.name(), p.2), color));
                 continue;
             }
             match marker {
@@ -216,15 +225,27 @@ fn draw<DB: DrawingBackend>(
             };
         }
     }
-    // Labels of clipped points, stacked upwards from their rate so that they do not overlap.
+    // Labels of clipped points, stacked upwards from their rate so that they do not overlap;
+    // when the stack would leave the chart, it is spread evenly over the chart's height.
     clipped.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let step = y_max * 0.034;
+    let mut ys = Vec::with_capacity(clipped.len());
     let mut next_y = f64::NEG_INFINITY;
-    for (rate, label, color) in &clipped {
+    for (rate, _, _) in &clipped {
         let y = (rate + y_max * 0.012).max(next_y);
-        next_y = y + y_max * 0.035;
+        next_y = y + step;
+        ys.push(y);
+    }
+    if ys.last().is_some_and(|&y| y > y_max * 0.96) {
+        let n = ys.len().max(1) as f64;
+        for (i, y) in ys.iter_mut().enumerate() {
+            *y = y_max * 0.02 + (i as f64) * (y_max * 0.94 / n);
+        }
+    }
+    for ((_, label, color), y) in clipped.iter().zip(ys) {
         chart.draw_series(std::iter::once(Text::new(
             label.clone(),
-            (x_max * 0.78, y + y_max * 0.025),
+            (x_max * 0.84, y + y_max * 0.025),
             (FAMILY, 12).into_font().color(color),
         )))?;
     }
@@ -249,7 +270,7 @@ fn draw<DB: DrawingBackend>(
     // Legend.
     legend.fill(&WHITE)?;
     let mut y = 40;
-    legend.draw(&Text::new("method (sweep, weak → strong)", (4, y - 22), (FAMILY, 14)))?;
+    legend.draw(&Text::new("method (settings on its frontier)", (4, y - 22), (FAMILY, 14)))?;
     for (label, color, marker) in &legend_items {
         legend.draw(&PathElement::new(vec![(6, y), (34, y)], color.stroke_width(2)))?;
         match marker {

@@ -8,14 +8,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::compare::{PointResult, Progress};
 
-/// Progress on stderr: on a terminal an overall bar over the sweep points and a bar over the
-/// current point's training steps, with each finished point printed above them; otherwise
-/// (logs, CI) one line per phase and per finished point.
+/// Progress on stderr: on a terminal one bar over the sweep's work (training steps and
+/// evaluations of every run, parallel runs included) with its ETA, each finished point printed
+/// above it; otherwise (logs, CI) one line per phase and per finished point.
 #[derive(Debug)]
 pub struct TerminalProgress {
     multi: MultiProgress,
     tty: bool,
-    bars: RefCell<Option<(ProgressBar, ProgressBar)>>,
+    bar: RefCell<Option<ProgressBar>>,
     spinner: RefCell<Option<ProgressBar>>,
 }
 
@@ -33,7 +33,7 @@ impl TerminalProgress {
         TerminalProgress {
             multi: MultiProgress::with_draw_target(target),
             tty,
-            bars: RefCell::new(None),
+            bar: RefCell::new(None),
             spinner: RefCell::new(None),
         }
     }
@@ -58,7 +58,7 @@ impl TerminalProgress {
 /// `"unwanted 0.176 ± 0.017, KL(p*‖p_new) 0.210 ± 0.018"` for a finished point.
 pub fn point_summary(p: &PointResult) -> String {
     if let Some(e) = &p.error {
-        return format!("{}: FAILED: {e}", p.label());
+        return format!("{} {}, seed {}: FAILED: {e}", p.method.name(), p.setting(), p.seed);
     }
     let m = &p.metrics;
     let mut parts = Vec::new();
@@ -75,8 +75,10 @@ pub fn point_summary(p: &PointResult) -> String {
         parts.push(format!("unwanted-token log p {:.2}", u.value));
     }
     format!(
-        "{}: {} ({:.1} s train, {:.1} s eval)",
-        p.label(),
+        "{} {}, seed {}: {} ({:.1} s train, {:.1} s eval)",
+        p.method.name(),
+        p.setting(),
+        p.seed,
         parts.join(", "),
         p.train.seconds,
         m.eval_seconds
@@ -99,46 +101,31 @@ impl Progress for TerminalProgress {
         }
     }
 
-    fn point_started(&self, index: usize, total: usize, label: &str, steps: usize) {
+    fn sweep_started(&self, points: usize, work: u64) {
         self.stop_spinner();
-        let mut bars = self.bars.borrow_mut();
-        let (overall, current) = bars.get_or_insert_with(|| {
-            let overall = self.multi.add(ProgressBar::new(total as u64));
-            if let Ok(style) = ProgressStyle::with_template(
-                "points {bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
-            ) {
-                overall.set_style(style.progress_chars("█▉▊▋▌▍▎▏ "));
-            }
-            let current = self.multi.add(ProgressBar::new(steps as u64));
-            if let Ok(style) =
-                ProgressStyle::with_template("{msg:<28} {bar:30.green/white} {pos}/{len} steps")
-            {
-                current.set_style(style.progress_chars("█▉▊▋▌▍▎▏ "));
-            }
-            (overall, current)
-        });
-        overall.set_position(index as u64 - 1);
-        current.set_length(steps as u64);
-        current.set_position(0);
-        current.set_message(label.to_string());
-    }
-
-    fn step(&self, step: usize, _loss: f64) {
-        if let Some((_, current)) = self.bars.borrow().as_ref() {
-            current.set_position(step as u64);
+        if !self.tty {
+            eprintln!("{points} points to evaluate");
+            return;
         }
+        let bar = self.multi.add(ProgressBar::new(work));
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg:<14} {bar:36.cyan/blue} {percent:>3}% [{elapsed_precise} < {eta_precise}]",
+        ) {
+            bar.set_style(style.progress_chars("█▉▊▋▌▍▎▏ "));
+        }
+        bar.set_message(format!("0/{points} points"));
+        *self.bar.borrow_mut() = Some(bar);
     }
 
-    fn evaluating(&self) {
-        if let Some((_, current)) = self.bars.borrow().as_ref() {
-            let label = current.message();
-            current.set_message(format!("{label} (evaluating)"));
+    fn advance(&self, units: u64) {
+        if let Some(bar) = self.bar.borrow().as_ref() {
+            bar.inc(units);
         }
     }
 
     fn point_finished(&self, index: usize, total: usize, result: &PointResult) {
-        if let Some((overall, _)) = self.bars.borrow().as_ref() {
-            overall.set_position(index as u64);
+        if let Some(bar) = self.bar.borrow().as_ref() {
+            bar.set_message(format!("{index}/{total} points"));
         }
         let width = total.to_string().len();
         self.line(&format!("[{index:>width$}/{total}] {}", point_summary(result)));
@@ -146,9 +133,8 @@ impl Progress for TerminalProgress {
 
     fn finish(&self) {
         self.stop_spinner();
-        if let Some((overall, current)) = self.bars.borrow_mut().take() {
-            current.finish_and_clear();
-            overall.finish_and_clear();
+        if let Some(bar) = self.bar.borrow_mut().take() {
+            bar.finish_and_clear();
         }
     }
 }

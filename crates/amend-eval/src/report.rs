@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::compare::{CompareResults, PointResult, fmt_value};
+use crate::compare::{
+    AggregatePoint, CompareResults, MethodSummary, PointResult, Score, fmt_value,
+};
 use crate::metrics::{Estimate, PointMetrics};
 use crate::{Error, Result};
 
@@ -48,205 +50,276 @@ fn metric_cells(m: &PointMetrics) -> [String; 4] {
     ]
 }
 
-/// The rows of the matched-rate summary: `(method, Some(point) | None)`, reaching methods first
-/// by increasing `KL(p*‖p_new)`.
-fn summary_rows(r: &CompareResults) -> Vec<(String, Option<&PointResult>, String)> {
-    let mut rows: Vec<(String, Option<&PointResult>, String)> = r
-        .best
-        .iter()
-        .map(|b| {
-            let p = b.point.map(|i| &r.points[i]);
-            let note = if p.is_some() {
-                String::new()
+fn frac(f: f64) -> String {
+    match f {
+        x if (x - 0.25).abs() < 1e-12 => "¼".into(),
+        x if (x - 0.5).abs() < 1e-12 => "½".into(),
+        x => format!("{x}×"),
+    }
+}
+
+/// A score cell: `0.034 ± 0.004 ★` (best), `… ≈` (within noise of the best), `not reached (1/2
+/// seeds)`.
+fn score_cell(sc: &Score, digits: usize) -> String {
+    let seeds = sc.per_seed.len();
+    let reached = sc.per_seed.iter().filter(|v| v.is_some()).count();
+    match sc.mean {
+        Some(m) => {
+            let mark = if sc.best {
+                " ★"
+            } else if sc.within_noise == Some(true) {
+                " ≈"
             } else {
-                let lowest = r
-                    .points
-                    .iter()
-                    .filter(|p| p.method == b.method && p.error.is_none())
-                    .filter_map(|p| Some((p.metrics.unwanted_rate?.value, p)))
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
-                match lowest {
-                    Some((rate, p)) => format!(
-                        "does not reach the target (lowest rate {rate:.3} at {}={})",
-                        p.strength_name,
-                        fmt_value(p.strength)
-                    ),
-                    None => "no successful point".into(),
-                }
+                ""
             };
-            (b.method.name().to_string(), p, note)
-        })
-        .collect();
-    rows.sort_by(|a, b| match (a.1, b.1) {
-        (Some(x), Some(y)) => {
-            let kx = x.metrics.kl_ideal.map_or(f64::INFINITY, |e| e.value);
-            let ky = y.metrics.kl_ideal.map_or(f64::INFINITY, |e| e.value);
-            kx.total_cmp(&ky)
+            format!("{}{mark}", est(Some(m), digits))
         }
-        (Some(_), None) => std::cmp::Ordering::Less,
-        (None, Some(_)) => std::cmp::Ordering::Greater,
-        (None, None) => std::cmp::Ordering::Equal,
-    });
-    rows
+        None if reached == 0 => "not reached".into(),
+        None => format!("reached in {reached}/{seeds} seeds"),
+    }
+}
+
+/// The methods in summary order: by mean area (lowest first), then those without one.
+fn summary_order(r: &CompareResults) -> Vec<&MethodSummary> {
+    let mut v: Vec<&MethodSummary> = r.summary.iter().collect();
+    let key = |m: &MethodSummary| m.area.mean.map_or(f64::INFINITY, |e| e.value);
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    v
+}
+
+fn agg_cells(a: &AggregatePoint) -> [String; 4] {
+    [
+        est(a.unwanted_rate, 3),
+        est(a.kl_ideal, 3),
+        est(a.kl_control, 3),
+        opt(a.heldout_perplexity, 3),
+    ]
+}
+
+/// The setting of `m` with the lowest mean `KL(p*‖p_new)` at a mean rate at most `rate`.
+fn best_setting_at<'a>(
+    r: &'a CompareResults,
+    m: &MethodSummary,
+    rate: f64,
+) -> Option<&'a AggregatePoint> {
+    m.frontier
+        .iter()
+        .map(|&i| &r.aggregates[i])
+        .filter(|a| a.unwanted_rate.is_some_and(|e| e.value <= rate))
+        .min_by(|a, b| {
+            let k = |x: &AggregatePoint| x.kl_ideal.map_or(f64::INFINITY, |e| e.value);
+            k(a).total_cmp(&k(b))
+        })
 }
 
 /// The markdown report.
 pub fn markdown(r: &CompareResults) -> String {
     let mut s = String::new();
     let c = &r.config;
-    let _ = writeln!(s, "# amend compare: {}\n", r.task.name);
+    let _ = writeln!(s, "# amend compare: {}, regime `{}`\n", r.task.name, c.regime.id());
     if let Some(cmd) = r.environment.get("command") {
         let _ = writeln!(s, "Produced by `{cmd}`.\n");
     }
     let bm = &r.base_model;
+    let lrs: Vec<String> = c.grid.learning_rates.iter().map(|&x| fmt_value(x)).collect();
+    let steps: Vec<String> = c.grid.steps.iter().map(ToString::to_string).collect();
+    let seeds: Vec<String> = r.seed_runs.iter().map(|x| x.seed.to_string()).collect();
     let _ = writeln!(
         s,
-        "Every method starts from the same base model p° ({} parameters, `{}`) and trains for \
-         {} AdamW steps at learning rate {} on the same {} prompt groups ({} per step; each \
-         group holds a prompt's clean and unwanted responses sampled from p°); ProFS is not \
-         trained but edits the weights once, from pairs of those clean and unwanted responses \
-         (sweep over its rank k). The metrics are \
-         computed on {} held-out prompts; p* is p° conditioned on producing no unwanted word, \
-         the closest distribution to p° that never produces one. The ideal update is at (0, 0) \
-         in the plot. See `docs/compare.md` for the task, the estimators and the methods.\n",
+        "Every method starts from the same base model p° ({} parameters, `{}`). Every trained \
+         method runs at every strength of its sweep × learning rate {{{}}} × steps {{{}}} \
+         (AdamW, {} prompt groups per step), the same grid for all, nothing tuned per method; \
+         ProFS is not trained but edits the weights once per rank k. Everything is repeated for \
+         training seeds {{{}}} (each with its own training samples, batch order and evaluation \
+         samples). p* is p° conditioned on producing no unwanted word, the closest distribution \
+         to p° that never produces one; the metrics are computed on {} held-out prompts. See \
+         `docs/compare.md` for the task, the estimators and the scores.\n",
         bm.parameters,
         bm.dir,
-        c.budget.steps,
-        fmt_value(c.budget.lr),
-        r.data.usable_groups,
+        lrs.join(", "),
+        steps.join(", "),
         c.budget.prompts_per_step,
+        seeds.join(", "),
         r.task.eval_prompts,
     );
-    // Summary.
-    match r.target_rate {
-        Some(t) => {
-            let base = r.base_metrics.unwanted_rate.map_or(f64::NAN, |e| e.value);
+    if let Some(base_rate) = r.base_metrics.unwanted_rate.filter(|_| !r.matched_rates.is_empty()) {
+        let _ = writeln!(s, "## Which method is best\n");
+        let heads: Vec<String> = c
+            .matched_fractions
+            .iter()
+            .zip(&r.matched_rates)
+            .map(|(f, t)| format!("KL(p*‖p_new) at rate ≤ {} base ({t:.3})", frac(*f)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| method | {} | area under the frontier | best setting at rate ≤ {:.3} |\n|---|{}---|---|",
+            heads.join(" | "),
+            r.matched_rates[0],
+            "---|".repeat(heads.len())
+        );
+        for m in summary_order(r) {
+            let cells: Vec<String> = m.kl_at_matched.iter().map(|x| score_cell(x, 3)).collect();
+            let setting = best_setting_at(r, m, r.matched_rates[0])
+                .map_or("—".into(), AggregatePoint::setting);
             let _ = writeln!(
                 s,
-                "## Each method's best point at a matched unwanted rate\n\nTarget: unwanted \
-                 rate ≤ {t:.3} ({}). For each method, the sweep point with the lowest \
-                 KL(p*‖p_new) among those at or below the target. Lower is better in every \
-                 column but the rate, which only has to meet the target. Standard errors after ±.\n",
-                match c.target_rate {
-                    crate::compare::TargetRate::FractionOfBase(f) => {
-                        format!("{:.0} % of the base model's rate {base:.3}", f * 100.0)
-                    }
-                    crate::compare::TargetRate::Absolute(_) => "absolute".into(),
-                }
-            );
-            let _ = writeln!(
-                s,
-                "| method | setting | unwanted rate | KL(p*‖p_new) | KL(p°‖p_new) on control \
-                 prompts | held-out perplexity |\n|---|---|---|---|---|---|"
-            );
-            let [a, b, cc, d] = metric_cells(&r.base_metrics);
-            let _ = writeln!(s, "| base p° | — | {a} | {b} | {cc} | {d} |");
-            for (name, p, note) in summary_rows(r) {
-                match p {
-                    Some(p) => {
-                        let [a, b, cc, d] = metric_cells(&p.metrics);
-                        let _ = writeln!(
-                            s,
-                            "| {name} | {}={} | {a} | {b} | {cc} | {d} |",
-                            p.strength_name,
-                            fmt_value(p.strength)
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(s, "| {name} | {note} | | | | |");
-                    }
-                }
-            }
-            s.push('\n');
-        }
-        None => {
-            let _ = writeln!(
-                s,
-                "## Summary\n\nNo matched-rate summary: the unwanted rate could not be measured \
-                 (see the skipped metrics below).\n"
+                "| {} | {} | {} | {setting} |",
+                m.method.name(),
+                cells.join(" | "),
+                score_cell(&m.area, 3)
             );
         }
+        let _ = writeln!(
+            s,
+            "\nBase model: unwanted rate {}, KL(p*‖p°) {}. Each score is computed per seed from \
+             that seed's points and base model, then averaged: mean ± standard error over {} \
+             seeds. KL at a matched rate: the lowest KL(p*‖p_new) at an unwanted rate at most \
+             the given fraction of the base model's, interpolated along the method's Pareto \
+             frontier over all its settings (a random mixture of two models reaches the line \
+             between them). Area: the area under the frontier (unwanted rate over KL from 0 to {} \
+             × KL(p*‖p°), the rate never above the base model's), divided by that of the base \
+             model: 0 is the ideal update, 1 no better than doing nothing. Lower is better in \
+             every column. ★ best; ≈ within noise of the best (paired difference over seeds at \
+             most two standard errors); \"not reached\": no setting gets the rate that low.\n",
+            est(Some(base_rate), 3),
+            est(r.base_metrics.kl_ideal, 3),
+            r.seed_runs.len(),
+            crate::compare::AREA_CAP_OVER_BASE_KL,
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "## Summary\n\nNo frontier and no scores: the unwanted rate could not be measured \
+             (see the skipped metrics below).\n"
+        );
     }
     if crate::plot::plottable(r) {
         let _ = writeln!(
             s,
-            "![unwanted rate against KL(p*‖p_new)](plot.svg)\n\nOne curve per method through its \
-             sweep points; the cross is the base model, the gold dot the ideal update.\n"
+            "![unwanted rate against KL(p*‖p_new)](plot.svg)\n\nEach method's Pareto frontier \
+             over all its settings (means over seeds; faint dots: its other settings); the \
+             cross is the base model, the gold dot the ideal update, the grey lines the matched \
+             rates.\n"
         );
     }
-    // Every point.
+    // Frontiers.
     let _ = writeln!(
         s,
-        "## Every sweep point\n\n| method | setting | unwanted rate | KL(p*‖p_new) | \
-         KL(p°‖p_new) control | held-out ppl | unwanted-token log p | train s | eval s | peak \
-         RSS MiB | final loss |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "## Frontiers\n\nThe settings on each method's frontier of mean points, by unwanted rate \
+         (mean ± standard error over seeds).\n\n| method | setting | unwanted rate | \
+         KL(p*‖p_new) | KL(p°‖p_new) on control prompts | held-out perplexity |\n|---|---|---|---|---|---|"
     );
-    for p in &r.points {
-        if let Some(e) = &p.error {
+    let [a, b, cc, d] = metric_cells(&r.base_metrics);
+    let _ = writeln!(s, "| base p° | — | {a} | {b} | {cc} | {d} |");
+    for m in &r.summary {
+        for &i in &m.frontier {
+            let ag = &r.aggregates[i];
+            let [a, b, cc, d] = agg_cells(ag);
+            let _ =
+                writeln!(s, "| {} | {} | {a} | {b} | {cc} | {d} |", m.method.name(), ag.setting());
+        }
+    }
+    s.push('\n');
+    // Every setting.
+    let _ = writeln!(
+        s,
+        "## Every setting\n\nMean ± standard error over seeds (every seed's point is in \
+         `results.json`).\n\n| method | setting | unwanted rate | KL(p*‖p_new) | KL(p°‖p_new) \
+         control | held-out ppl | train s | peak RSS MiB |\n|---|---|---|---|---|---|---|---|"
+    );
+    for ag in &r.aggregates {
+        if ag.failed > 0 {
             let _ = writeln!(
                 s,
-                "| {} | {}={} | failed: {} | | | | | | | | |",
-                p.method.name(),
-                p.strength_name,
-                fmt_value(p.strength),
-                e.replace('|', "/")
+                "| {} | {} | failed with {} of {} seeds | | | | | |",
+                ag.method.name(),
+                ag.setting(),
+                ag.failed,
+                ag.points.len()
             );
             continue;
         }
-        let [a, b, cc, d] = metric_cells(&p.metrics);
-        let last = p.train.losses.last().copied();
+        let [a, b, cc, d] = agg_cells(ag);
         let _ = writeln!(
             s,
-            "| {} | {}={} | {a} | {b} | {cc} | {d} | {} | {:.1} | {:.1} | {} | {} |",
-            p.method.name(),
-            p.strength_name,
-            fmt_value(p.strength),
-            est(p.metrics.unwanted_token_logprob, 2),
-            p.train.seconds,
-            p.metrics.eval_seconds,
-            mib(p.memory.peak_rss_bytes),
-            opt(last, 4),
+            "| {} | {} | {a} | {b} | {cc} | {d} | {:.1} | {} |",
+            ag.method.name(),
+            ag.setting(),
+            ag.train_seconds,
+            mib(ag.peak_rss_bytes),
         );
     }
     s.push('\n');
+    let failed: Vec<&PointResult> = r.points.iter().filter(|p| p.error.is_some()).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "## Failed points\n");
+        for p in failed {
+            let _ = writeln!(
+                s,
+                "* {} {}, seed {}: {}",
+                p.method.name(),
+                p.setting(),
+                p.seed,
+                p.error.as_deref().unwrap_or_default()
+            );
+        }
+        s.push('\n');
+    }
     let _ = writeln!(
         s,
-        "Unwanted rate: fraction of {} sampled responses (temperature 1) containing an unwanted \
-         word, binomial standard error. KL(p*‖p_new): from rejection samples of p° (nats per \
-         response; standard error over prompts; the same samples for every row, so differences \
-         between rows are more precise than each value). Peak RSS: the whole process's \
-         high-water mark during the point's training and evaluation.\n",
-        r.base_metrics.unwanted_rate.map_or(0, |e| e.n)
+        "Unwanted rate: fraction of {} sampled responses per seed (temperature 1) containing an \
+         unwanted word. KL(p*‖p_new): from rejection samples of p° (nats per response). Within a \
+         seed every setting is scored on the same samples, so differences between settings are \
+         more precise than the standard errors over seeds suggest. Peak RSS: the process's \
+         high-water mark during the run ({}).\n",
+        r.seed_runs.first().and_then(|x| x.base_metrics.unwanted_rate).map_or(0, |e| e.n),
+        if r.timing.workers > 1 {
+            format!(
+                "not measured per point: {} runs trained at once; --workers 1 measures it",
+                r.timing.workers
+            )
+        } else {
+            "one run at a time".into()
+        }
     );
     // Facts.
     let _ = writeln!(s, "## Data and base model\n");
-    let d = &r.data;
-    let _ = writeln!(
-        s,
-        "* Training data: {} samples of p° on {} training prompts ({} unwanted), {} \
-         negative-prompt samples ({} unwanted), {} given responses; {} usable prompt groups with \
-         {} responses, {} of {} response tokens annotated unwanted.",
-        d.policy_samples,
-        r.task.train_prompts,
-        d.policy_unwanted,
-        d.negative_samples,
-        d.negative_unwanted,
-        d.dataset_samples,
-        d.usable_groups,
-        d.usable_responses,
-        d.negative_tokens,
-        d.response_tokens
-    );
-    let f = &r.base_facts;
-    let _ = writeln!(
-        s,
-        "* Rejection sampler: {} samples of p°, p°(U) = {}; KL(p*‖p°) = {} ({} prompts without \
-         an accepted sample).",
-        f.rejection_samples,
-        est(f.rejection_unwanted_rate, 3),
-        est(f.kl_ideal_base, 3),
-        f.prompts_without_accepted_sample
-    );
+    for sr in &r.seed_runs {
+        let d = &sr.data;
+        let _ = writeln!(
+            s,
+            "* Seed {}: {} samples of p° on {} training prompts ({} unwanted), {} negative-prompt \
+             samples ({} unwanted), {} given responses; {} usable prompt groups with {} \
+             responses, {} of {} response tokens annotated unwanted.{}",
+            sr.seed,
+            d.policy_samples,
+            r.task.train_prompts,
+            d.policy_unwanted,
+            d.negative_samples,
+            d.negative_unwanted,
+            d.dataset_samples,
+            d.usable_groups,
+            d.usable_responses,
+            d.negative_tokens,
+            d.response_tokens,
+            match &sr.pair_data {
+                Some(_) => " Sequence-level methods and ProFS: each unwanted response paired with \
+                            its own counterpart without the unwanted words."
+                    .to_string(),
+                None => String::new(),
+            }
+        );
+        let f = &sr.base_facts;
+        let _ = writeln!(
+            s,
+            "  Rejection sampler: {} samples of p°, p°(U) = {}; KL(p*‖p°) = {} ({} prompts \
+             without an accepted sample).",
+            f.rejection_samples,
+            est(f.rejection_unwanted_rate, 3),
+            est(f.kl_ideal_base, 3),
+            f.prompts_without_accepted_sample
+        );
+    }
     if let Some(rep) = &bm.report {
         let _ = writeln!(
             s,
@@ -261,14 +334,22 @@ pub fn markdown(r: &CompareResults) -> String {
     let _ = writeln!(
         s,
         "* Wall time: {:.0} s in all (base model {:.0} s, data {:.0} s, evaluator set-up {:.0} s, \
-         {} sweep points {:.0} s).\n",
+         {} points from {} runs {:.0} s, {} of the runs read from the point cache, {} at once); \
+         peak memory of the process {} MiB.\n",
         t.total_seconds,
         t.base_model_seconds,
         t.data_seconds,
         t.eval_setup_seconds,
         r.points.len(),
-        t.points_seconds
+        t.runs,
+        t.points_seconds,
+        t.cached_runs,
+        t.workers,
+        mib(t.peak_rss_bytes),
     );
+    for w in &r.warnings {
+        let _ = writeln!(s, "* Warning: {w}");
+    }
     if !r.skipped.is_empty() {
         let _ = writeln!(s, "## Skipped metrics\n");
         for k in &r.skipped {
@@ -281,10 +362,22 @@ pub fn markdown(r: &CompareResults) -> String {
         for (p, y) in &r.base_metrics.examples {
             let _ = writeln!(s, "* `{p}` → `{}`", y.trim());
         }
-        if let Some(best) = summary_rows(r).into_iter().find_map(|x| x.1) {
-            let _ = writeln!(s, "\n{} (best at the matched rate):\n", best.label());
-            for (p, y) in &best.metrics.examples {
-                let _ = writeln!(s, "* `{p}` → `{}`", y.trim());
+        let best = summary_order(r).into_iter().find_map(|m| {
+            let ag = best_setting_at(r, m, *r.matched_rates.first()?)?;
+            Some((m, ag))
+        });
+        if let Some((m, ag)) = best
+            && let Some(p) = ag.points.first().map(|&i| &r.points[i])
+        {
+            let _ = writeln!(
+                s,
+                "\n{} {} (seed {}; the best method's best setting at the first matched rate):\n",
+                m.method.name(),
+                ag.setting(),
+                p.seed
+            );
+            for (q, y) in &p.metrics.examples {
+                let _ = writeln!(s, "* `{q}` → `{}`", y.trim());
             }
         }
         s.push('\n');
@@ -297,46 +390,38 @@ pub fn markdown(r: &CompareResults) -> String {
     s
 }
 
-/// A short plain-text table for the terminal: each method's best point at the matched rate.
+/// A short plain-text table for the terminal: each method's scores.
 pub fn terminal_summary(r: &CompareResults) -> String {
     let mut s = String::new();
-    let Some(t) = r.target_rate else {
+    if r.matched_rates.is_empty() {
         let _ = writeln!(s, "no unwanted rate was measured; see report.md for the metrics");
         return s;
-    };
+    }
     let _ = writeln!(
         s,
-        "best point of each method at unwanted rate ≤ {t:.3} (lowest KL(p*‖p_new) first):\n"
+        "scores of each method over {} seeds (lower is better; ★ best, ≈ within noise of it):\n",
+        r.seed_runs.len()
     );
+    let mut head = format!("  {:<12}", "method");
+    for (f, t) in r.config.matched_fractions.iter().zip(&r.matched_rates) {
+        head += &format!(" {:>22}", format!("KL at rate≤{t:.3} ({})", frac(*f)));
+    }
+    head += &format!(" {:>22}", "area");
+    let _ = writeln!(s, "{head}");
     let _ = writeln!(
         s,
-        "  {:<12} {:<18} {:>15} {:>15} {:>12}",
-        "method", "setting", "unwanted rate", "KL(p*‖p_new)", "KL control"
+        "  {:<12} base p°: unwanted rate {}, KL(p*‖p°) {}",
+        "",
+        est(r.base_metrics.unwanted_rate, 3),
+        est(r.base_metrics.kl_ideal, 3)
     );
-    let row = |name: &str, setting: &str, m: &PointMetrics| {
-        format!(
-            "  {:<12} {:<18} {:>15} {:>15} {:>12}\n",
-            name,
-            setting,
-            est(m.unwanted_rate, 3),
-            est(m.kl_ideal, 3),
-            opt(m.kl_control.map(|e| e.value), 3)
-        )
-    };
-    s += &row("base p°", "", &r.base_metrics);
-    for (name, p, note) in summary_rows(r) {
-        match p {
-            Some(p) => {
-                s += &row(
-                    &name,
-                    &format!("{}={}", p.strength_name, fmt_value(p.strength)),
-                    &p.metrics,
-                );
-            }
-            None => {
-                let _ = writeln!(s, "  {name:<12} {note}");
-            }
+    for m in summary_order(r) {
+        let mut line = format!("  {:<12}", m.method.name());
+        for sc in &m.kl_at_matched {
+            line += &format!(" {:>22}", score_cell(sc, 3));
         }
+        line += &format!(" {:>22}", score_cell(&m.area, 3));
+        let _ = writeln!(s, "{line}");
     }
     s
 }

@@ -127,7 +127,7 @@ const FOODS: &[&str] = &[
     "the beans",
 ];
 
-const ADJ: &[&str] = &[
+pub(crate) const ADJ: &[&str] = &[
     "small", "large", "red", "blue", "green", "quiet", "loud", "old", "young", "bright", "dark",
     "happy", "tired", "clever", "gentle", "brave", "soft", "warm", "cold", "quick", "slow", "shy",
     "proud", "calm", "busy", "lazy", "wise", "silly", "tiny", "golden",

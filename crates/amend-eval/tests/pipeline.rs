@@ -208,13 +208,90 @@ fn profs_projects_only_the_value_weights() {
     assert!(matches!(not_integer, Err(amend_eval::Error::InvalidInput { .. })));
 }
 
-/// The whole comparison in process, every method at two sweep points, on the fixture model with
-/// a small configuration (the CLI's `--quick` runs the same code on a bigger model; its test,
-/// `tests/compare_cli.rs` at the repository root, is `#[ignore]`d because it takes minutes in
-/// debug). Checks that the report is complete and well formed, not that any method wins.
+/// A checkpoint of a longer run is exactly the model of a shorter run: the steps grid of the
+/// comparison evaluates one run at several step counts.
+#[test]
+#[allow(clippy::result_large_err)] // the callback returns amend_eval::Result
+fn checkpoints_equal_shorter_runs() {
+    use amend_eval::methods::train_method_checkpoints;
+    let f = fixture();
+    let base = f.model();
+    for m in [Method::Tnrr, Method::Dpo] {
+        let short = Budget { steps: 2, prompts_per_step: 2, ..Budget::default() };
+        let (two, stats2) =
+            train_method(&base, &f.data, m, 10.0, &short, 3, &mut |_, _| {}).unwrap();
+        let long = Budget { steps: 3, ..short.clone() };
+        let mut seen = Vec::new();
+        let three = train_method_checkpoints(
+            &base,
+            &f.data,
+            m,
+            10.0,
+            &long,
+            &[2, 3, 0, 9],
+            3,
+            &mut |_, _| {},
+            &mut |steps, model, stats| {
+                if steps == 2 {
+                    let a = model.params().snapshot().unwrap();
+                    let b = two.params().snapshot().unwrap();
+                    assert!(a.iter().zip(&b).all(|((_, x), (_, y))| x.equal(y)), "{m}");
+                    assert_eq!(stats.losses, stats2.losses, "{m}");
+                }
+                seen.push((steps, stats.losses.len()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, [(2, 2), (3, 3)], "{m}: out-of-range checkpoints are ignored");
+        let a = three.params().snapshot().unwrap();
+        let b = two.params().snapshot().unwrap();
+        assert!(!a.iter().zip(&b).all(|((_, x), (_, y))| x.equal(y)), "{m}: step 3 moved");
+    }
+}
+
+/// The minimal pairs of the `pairs` regime: each unwanted response and its counterpart without
+/// the unwanted words, same prompt, in the same order, clean by the detector.
+#[test]
+fn minimal_pairs_pair_each_unwanted_response_with_itself() {
+    let f = fixture();
+    let base = f.model();
+    let det = f.task.detector.as_ref().unwrap();
+    let pairs = amend_eval::pairs::minimal_pair_data(&base, &f.data, det, 0).unwrap();
+    assert_eq!(pairs.usable_groups(), f.data.usable_groups());
+    let mut checked = 0;
+    for g in pairs.usable_groups() {
+        let gr = &pairs.groups[g];
+        assert_eq!(gr.unwanted, f.data.groups[g].unwanted, "the unwanted side is unchanged");
+        assert_eq!(gr.clean.len(), gr.unwanted.len());
+        for (&c, &u) in gr.clean.iter().zip(&gr.unwanted) {
+            let (c, u) = (&pairs.samples[c], &pairs.samples[u]);
+            assert!(!det.is_unwanted(&c.text) && det.is_unwanted(&u.text), "{c:?}");
+            assert_eq!(c.prompt_ids, u.prompt_ids);
+            // Only the unwanted words differ: the words of the counterpart are those of the
+            // unwanted response, minus or with one substitute per unwanted word.
+            let (cw, uw): (Vec<&str>, Vec<&str>) =
+                (c.text.split_whitespace().collect(), u.text.split_whitespace().collect());
+            assert!(cw.len() <= uw.len() && uw.len() - cw.len() <= 2, "{} / {}", c.text, u.text);
+            assert!(c.ref_logp.is_finite() && c.ref_logp < 0.0);
+            assert!(c.weights.iter().all(|&w| w == 1));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+/// The whole comparison in process, every method at two sweep points × two checkpoints × two
+/// seeds, on the fixture model with a small configuration (the CLI's `--quick` runs the same
+/// code on a bigger model; its test, `tests/compare_cli.rs` at the repository root, is
+/// `#[ignore]`d because it takes minutes in debug). Checks that the report is complete and well
+/// formed, not that any method wins; that the numbers do not depend on the number of workers;
+/// and that a second run with the same point cache reads every run back.
 #[test]
 fn a_small_comparison_writes_a_complete_report() {
-    use amend_eval::compare::{BaseModelInfo, CompareConfig, NoProgress, run_comparison};
+    use amend_eval::compare::{
+        BaseModelInfo, BudgetGrid, CompareConfig, NoProgress, PointCache, Regime, run_comparison,
+    };
     let f = fixture();
     let model = f.model();
     let mut cfg = CompareConfig::quick();
@@ -233,7 +310,10 @@ fn a_small_comparison_writes_a_complete_report() {
         max_new_tokens: 24,
         ..EvalConfig::default()
     };
-    cfg.budget = Budget { steps: 2, prompts_per_step: 2, ..Budget::default() };
+    cfg.budget = Budget { prompts_per_step: 2, ..Budget::default() };
+    cfg.grid = BudgetGrid { learning_rates: vec![1e-4], steps: vec![2, 1] };
+    cfg.seeds = 2;
+    cfg.workers = 2;
     let info = BaseModelInfo {
         dir: f.dir.path().display().to_string(),
         recipe: None,
@@ -242,12 +322,93 @@ fn a_small_comparison_writes_a_complete_report() {
         parameters: model.params().num_elements(false),
         seconds: 0.0,
     };
-    let r = run_comparison(&model, info, &f.task, &cfg, &NoProgress).unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = PointCache::new(cache_dir.path());
+    let r = run_comparison(&model, info.clone(), &f.task, &cfg, Some(&cache), &NoProgress).unwrap();
     assert_eq!(r.config.seed, 5);
-    assert_eq!(r.points.len(), 2 * Method::ALL.len());
-    assert_eq!(r.best.len(), Method::ALL.len());
+    // Per seed: 13 trained methods × 2 strengths × 2 checkpoints, ProFS × 2.
+    let per_seed = (Method::ALL.len() - 1) * 2 * 2 + 2;
+    assert_eq!(r.points.len(), 2 * per_seed);
+    assert_eq!(r.aggregates.len(), per_seed);
+    assert!(r.aggregates.iter().all(|a| a.points.len() == 2 && a.failed == 0));
+    assert_eq!(r.summary.len(), Method::ALL.len());
+    assert_eq!(r.seed_runs.iter().map(|s| s.seed).collect::<Vec<_>>(), [5, 6]);
+    assert_eq!((r.timing.runs, r.timing.cached_runs, r.timing.workers), (2 * (13 * 2 + 2), 0, 2));
+    for m in &r.summary {
+        assert!(!m.frontier.is_empty(), "{}", m.method);
+        assert_eq!(m.kl_at_matched.len(), 2);
+        assert_eq!(m.area.per_seed.len(), 2);
+        if let Some(a) = m.area.mean {
+            assert!((0.0..=1.0 + 1e-9).contains(&a.value), "{}: {a:?}", m.method);
+        }
+        // The frontier is sorted by rate with decreasing KL.
+        let fr: Vec<(f64, f64)> = m
+            .frontier
+            .iter()
+            .map(|&i| {
+                (
+                    r.aggregates[i].unwanted_rate.unwrap().value,
+                    r.aggregates[i].kl_ideal.unwrap().value,
+                )
+            })
+            .collect();
+        assert!(fr.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 > w[1].1), "{fr:?}");
+    }
+    assert_eq!(r.summary.iter().filter(|m| m.area.best).count(), 1);
+    // The checkpoints: 1 and 2 steps, sorted.
+    let tnrr: Vec<usize> =
+        r.points.iter().filter(|p| p.method == Method::Tnrr).map(|p| p.steps).collect();
+    assert_eq!(&tnrr[..4], [1, 2, 1, 2]);
+
+    // Resumption: every run comes back from the cache, with the same numbers.
+    let again =
+        run_comparison(&model, info.clone(), &f.task, &cfg, Some(&cache), &NoProgress).unwrap();
+    assert_eq!(again.timing.cached_runs, again.timing.runs);
+    assert_eq!(again.points, r.points);
+    assert_eq!(again.summary, r.summary);
+
+    // One worker, no cache: the same metrics (each run is seeded on its own).
+    let mut one = cfg.clone();
+    one.workers = 1;
+    one.sweeps.retain(|s| matches!(s.method, Method::Tnrr | Method::Dpo | Method::Profs));
+    let single = run_comparison(&model, info.clone(), &f.task, &one, None, &NoProgress).unwrap();
+    for p in &single.points {
+        let q = r
+            .points
+            .iter()
+            .find(|q| {
+                (q.method, q.strength.to_bits(), q.steps, q.seed)
+                    == (p.method, p.strength.to_bits(), p.steps, p.seed)
+            })
+            .unwrap();
+        assert_eq!(p.metrics.unwanted_rate, q.metrics.unwanted_rate, "{}", p.label());
+        assert_eq!(p.metrics.kl_ideal, q.metrics.kl_ideal, "{}", p.label());
+        assert_eq!(p.train.losses, q.train.losses, "{}", p.label());
+        if cfg!(target_os = "linux") {
+            assert!(p.memory.peak_rss_bytes.is_some(), "measured with one worker");
+        }
+    }
+
+    // The pairs regime: the sequence-level methods train on minimal pairs.
+    let mut pairs = one.clone();
+    pairs.regime = Regime::Pairs;
+    pairs.seeds = 1;
+    let rp = run_comparison(&model, info.clone(), &f.task, &pairs, None, &NoProgress).unwrap();
+    let pd = rp.seed_runs[0].pair_data.as_ref().expect("pairs data");
+    assert!(pd.policy_samples > rp.data.policy_samples, "the counterparts are added");
+    let tn = |r: &amend_eval::compare::CompareResults,
+              m: Method|
+     -> Vec<Option<amend_eval::metrics::Estimate>> {
+        r.points
+            .iter()
+            .filter(|p| p.method == m && p.seed == 5)
+            .map(|p| p.metrics.kl_ideal)
+            .collect()
+    };
+    assert_eq!(tn(&rp, Method::Tnrr), tn(&single, Method::Tnrr), "token-level: same data");
+    assert_ne!(tn(&rp, Method::Dpo), tn(&single, Method::Dpo), "DPO: other pairs");
     assert!(r.skipped.iter().all(|s| s.metric == "unwanted_token_logprob"), "{:?}", r.skipped);
-    let base_rate = r.base_metrics.unwanted_rate.unwrap();
+    let base_rate = r.seed_runs[0].base_metrics.unwanted_rate.unwrap();
     for p in &r.points {
         assert!(p.error.is_none(), "{}: {:?}", p.label(), p.error);
         let m = &p.metrics;
@@ -255,10 +416,9 @@ fn a_small_comparison_writes_a_complete_report() {
         assert!(m.kl_ideal.unwrap().value.is_finite(), "{}", p.label());
         assert!(m.kl_control.unwrap().value.is_finite(), "{}", p.label());
         assert!(m.heldout_perplexity.unwrap() > 1.0, "{}", p.label());
-        let steps = if p.method.is_tuning_free() { 0 } else { 2 };
-        assert_eq!(p.train.losses.len(), steps, "{}", p.label());
+        assert_eq!(p.train.losses.len(), p.steps, "{}", p.label());
     }
-    assert!(r.target_rate.unwrap() > 0.0);
+    assert!(r.matched_rates.len() == 2 && r.matched_rates[0] > 0.0);
     let t = &r.timing;
     assert!(t.total_seconds >= t.points_seconds && t.points_seconds > 0.0);
 
@@ -270,15 +430,22 @@ fn a_small_comparison_writes_a_complete_report() {
     assert_eq!(back.points.len(), r.points.len());
     assert_eq!(back.config, r.config);
     let md = std::fs::read_to_string(&files.markdown).unwrap();
-    for needle in
-        ["## Each method's best point", "## Every sweep point", "![unwanted rate", "| base p° |"]
-    {
+    for needle in [
+        "## Which method is best",
+        "## Frontiers",
+        "## Every setting",
+        "![unwanted rate",
+        "| base p° |",
+        "★",
+    ] {
         assert!(md.contains(needle), "{needle}");
     }
-    for m in Method::ALL {
-        // One summary row and two sweep rows per method.
-        let rows = md.lines().filter(|l| l.starts_with(&format!("| {} |", m.name()))).count();
-        assert_eq!(rows, 3, "{m}");
+    for m in &r.summary {
+        // One summary row, its frontier rows and one row per setting.
+        let rows =
+            md.lines().filter(|l| l.starts_with(&format!("| {} |", m.method.name()))).count();
+        let settings = r.aggregates.iter().filter(|a| a.method == m.method).count();
+        assert_eq!(rows, 1 + m.frontier.len() + settings, "{}", m.method);
     }
     let svg = std::fs::read_to_string(files.svg.unwrap()).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
@@ -286,5 +453,5 @@ fn a_small_comparison_writes_a_complete_report() {
     let png = std::fs::read(files.png.unwrap()).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let summary = amend_eval::report::terminal_summary(&r);
-    assert!(summary.contains("best point of each method"), "{summary}");
+    assert!(summary.contains("scores of each method over 2 seeds"), "{summary}");
 }
