@@ -9,9 +9,10 @@ CARGO ?= cargo
 setup:
 	@bash scripts/setup-libtorch.sh
 
-## demo: the project's main job: `amend compare` on the embedded default task (3 to 6 minutes
-## on 2 cores, plus about a minute to train the base model on the first run); the report goes
-## to reports/compare/ (report.md, results.json, plot.svg, plot.png)
+## demo: the project's main job: `amend compare` on the embedded default task (about 7 minutes
+## on 2 cores, plus 40 s to train the base model on the first run; an interrupted run
+## resumes from its point cache); the report goes to reports/compare/ (report.md, results.json,
+## plot.svg, plot.png)
 demo: setup
 	$(CARGO) run --release --bin amend -- compare --out reports/compare
 

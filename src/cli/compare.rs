@@ -37,8 +37,8 @@ use amend::models::CausalLm;
 /// with your prompts and annotations (schema: docs/compare-data.md).
 ///
 /// Examples:
-///   amend compare                        # about 10 minutes on 2 cores (docs/compare.md)
-///   amend compare --quick                # about 2 minutes; noisy numbers
+///   amend compare                        # about 7 minutes on 2 cores (docs/compare.md)
+///   amend compare --quick                # about a minute; noisy numbers
 ///   amend compare --task pairs           # minimal pairs for the sequence-level methods
 ///   amend compare --methods tnrr,nl,ul,dpo --seeds 3 --out reports/s3
 ///   amend compare --lr 1e-4 --steps 60 --seeds 1   # one budget, one seed (the old report)

@@ -598,7 +598,8 @@ pub fn train_method(
 
 /// [`train_method`] for `budget.steps` steps that stops at every step count of `checkpoints`
 /// on the way and calls `on_checkpoint(steps, model, stats)` with the model and the statistics
-/// so far (`final_metrics` over the last 10 steps before the checkpoint). Because the learning
+/// so far (`final_metrics` over the last 10 steps before the checkpoint, `seconds` the training
+/// time without the earlier callbacks). Because the learning
 /// rate is constant after warm-up and the batch order depends only on `seed`, the model at
 /// checkpoint `s` is exactly the model a run of `s` steps returns: one run gives every point of
 /// a steps grid. Checkpoints outside `1..=budget.steps` are ignored; returns the final model.
@@ -682,6 +683,7 @@ pub fn train_method_checkpoints(
     let mut stats = TrainStats::default();
     let mut tail = amend_losses::Metrics::new();
     let mut pending = checkpoints.iter().copied().peekable();
+    let mut paused = std::time::Duration::ZERO;
     for step in 0..budget.steps {
         let next_checkpoint = pending.peek().copied().unwrap_or(budget.steps);
         let mut groups = Vec::with_capacity(budget.prompts_per_step);
@@ -735,8 +737,11 @@ pub fn train_method_checkpoints(
             pending.next();
             model.set_training(false);
             stats.final_metrics = std::mem::take(&mut tail).to_means();
-            stats.seconds = t0.elapsed().as_secs_f64();
+            // Training time only: the earlier checkpoints' callbacks (evaluations) excluded.
+            stats.seconds = (t0.elapsed() - paused).as_secs_f64();
+            let t_pause = std::time::Instant::now();
             on_checkpoint(step + 1, &*model, &stats)?;
+            paused += t_pause.elapsed();
         }
     }
     model.set_training(false);
