@@ -63,11 +63,19 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
     /// The estimate.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub value: f64,
-    /// Its standard error.
+    /// Its standard error (NaN when undefined, for example over one unit; written as `null`
+    /// in JSON, which has no NaN, and read back as NaN).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub se: f64,
     /// Units averaged (samples or prompts, see the metric).
     pub n: usize,
+}
+
+/// A number, or NaN for the `null` that serde_json writes for a non-finite one.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Estimate {
@@ -589,6 +597,18 @@ mod tests {
         assert!((e0.value + z.ln()).abs() < 4.0 * e0.se + 0.003, "{e0:?} vs {}", -z.ln());
         // Prompts without an accepted sample are left out.
         assert!(kl_ideal_estimate(&[(vec![], 8)]).is_none());
+    }
+
+    #[test]
+    fn an_undefined_standard_error_survives_json() {
+        // One unit: the standard error is undefined (NaN); JSON writes null and reads NaN back.
+        let e = Estimate::mean_of(&[0.25]).unwrap();
+        assert!(e.se.is_nan());
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(json, r#"{"value":0.25,"se":null,"n":1}"#);
+        let back: Estimate = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.value, back.n), (0.25, 1));
+        assert!(back.se.is_nan());
     }
 
     #[test]
