@@ -506,10 +506,6 @@ pub struct CompareResults {
 /// right edge.
 pub const AREA_CAP_OVER_BASE_KL: f64 = 3.0;
 
-fn mean_estimate(xs: &[f64]) -> Option<Estimate> {
-    Estimate::mean_of(xs)
-}
-
 impl CompareResults {
     /// Groups the points into settings, the per-seed base metrics into their mean, and computes
     /// each method's frontier and scores.
@@ -550,7 +546,7 @@ impl CompareResults {
             // succeed would not be comparable with the others.
             let all = |f: &dyn Fn(&PointResult) -> Option<f64>| -> Option<Estimate> {
                 let v: Vec<f64> = ok.iter().filter_map(|p| f(p)).collect();
-                (a.failed == 0 && v.len() == ok.len()).then(|| mean_estimate(&v)).flatten()
+                (a.failed == 0 && v.len() == ok.len()).then(|| Estimate::mean_of(&v)).flatten()
             };
             a.unwanted_rate = all(&|p| p.metrics.unwanted_rate.map(|e| e.value));
             a.kl_ideal = all(&|p| p.metrics.kl_ideal.map(|e| e.value));
@@ -570,7 +566,7 @@ impl CompareResults {
             let est = |f: &dyn Fn(&PointMetrics) -> Option<f64>| -> Option<Estimate> {
                 let v: Vec<f64> =
                     self.seed_runs.iter().filter_map(|s| f(&s.base_metrics)).collect();
-                (v.len() == self.seed_runs.len()).then(|| mean_estimate(&v)).flatten()
+                (v.len() == self.seed_runs.len()).then(|| Estimate::mean_of(&v)).flatten()
             };
             let mut m = self.seed_runs[0].base_metrics.clone();
             m.unwanted_rate = est(&|b| b.unwanted_rate.map(|e| e.value));
@@ -643,7 +639,7 @@ impl CompareResults {
 
 fn score_of(per_seed: Vec<Option<f64>>) -> Score {
     let mean =
-        per_seed.iter().copied().collect::<Option<Vec<f64>>>().and_then(|v| mean_estimate(&v));
+        per_seed.iter().copied().collect::<Option<Vec<f64>>>().and_then(|v| Estimate::mean_of(&v));
     Score { per_seed, mean, best: false, vs_best: None, within_noise: None }
 }
 
@@ -666,7 +662,7 @@ fn mark_best(summary: &mut [MethodSummary], score: impl Fn(&mut MethodSummary) -
         }
         let diffs: Vec<f64> =
             s.per_seed.iter().zip(&best_seeds).map(|(a, b)| a.unwrap_or(f64::NAN) - b).collect();
-        s.vs_best = mean_estimate(&diffs);
+        s.vs_best = Estimate::mean_of(&diffs);
         s.within_noise = s.vs_best.filter(|d| d.se.is_finite()).map(|d| d.value <= 2.0 * d.se);
     }
 }
