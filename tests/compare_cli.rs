@@ -168,6 +168,51 @@ fn quick_compare_writes_a_complete_report() {
     assert!(leftovers.is_empty(), "temporary folders left behind");
 }
 
+/// `--task greedy`: its own base model (the corpus with a dominant unwanted word), training
+/// samples at temperature 0.5, and negatives the base model often ranks first (in the sampled
+/// regime of the same quick setting they are a few per cent). About 30 s in release.
+#[test]
+#[ignore = "a minute in debug; run by `make test-compare` (release)"]
+fn greedy_regime_trains_on_the_base_models_top1_choices() {
+    let tmp = TempDir::new("greedy");
+    let cache = tmp.0.join("cache");
+    let run = |task: &str| {
+        let out = tmp.0.join(task);
+        let args = [
+            "compare",
+            "--quick",
+            "--task",
+            task,
+            "--methods",
+            "tnrr,tnff,profs",
+            "--seeds",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ];
+        ok(&amend(&args, &cache));
+        results(&out)
+    };
+    let greedy = run("greedy");
+    let sampled = run("sampled");
+    assert_eq!(greedy.config.regime, amend::eval::compare::Regime::Greedy);
+    assert_eq!(greedy.config.sampling.temperature, 0.5);
+    assert_eq!(greedy.config.task.dominant_word, Some(0.9));
+    assert_ne!(greedy.base_model.dir, sampled.base_model.dir, "a base model of its own");
+    let (g, s) = (&greedy.data, &sampled.data);
+    assert!(g.unwanted_start_top1 > 0.3, "greedy: {g:?}");
+    assert!(g.unwanted_start_top1 > 3.0 * s.unwanted_start_top1, "greedy {g:?}, sampled {s:?}");
+    assert!(g.unwanted_start_mass > s.unwanted_start_mass);
+    assert!(g.usable_groups > 50, "{g:?}");
+    assert!(greedy.points.iter().all(|p| p.error.is_none()));
+    let md = std::fs::read_to_string(tmp.0.join("greedy/report.md")).unwrap();
+    assert!(md.contains("regime `greedy`") && md.contains("(temperature 0.5)"), "{md}");
+    // ProFS records its logit-lens view, and the report shows it.
+    assert!(greedy.points.iter().any(|p| !p.train.lens.is_empty()));
+    assert!(md.contains("## ProFS: what the projected subspace is"));
+}
+
 #[test]
 fn real_use_runs_on_a_local_model_with_user_data() {
     let tmp = TempDir::new("user");

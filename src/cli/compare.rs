@@ -40,6 +40,7 @@ use amend::models::CausalLm;
 ///   amend compare                        # about 7 minutes on 2 cores (docs/compare.md)
 ///   amend compare --quick                # about a minute; noisy numbers
 ///   amend compare --task pairs           # minimal pairs for the sequence-level methods
+///   amend compare --task greedy          # unwanted words are the base model's top-1 choices
 ///   amend compare --methods tnrr,nl,ul,dpo --seeds 3 --out reports/s3
 ///   amend compare --lr 1e-4 --steps 60 --seeds 1   # one budget, one seed (the old report)
 ///   amend compare --model ./my-gpt2 --data prompts.jsonl --quick
@@ -49,12 +50,19 @@ pub struct CompareArgs {
     #[arg(long)]
     pub quick: bool,
     /// The regime: `sampled` (temperature-1 samples of the base model; sequence-level methods
-    /// pair unrelated clean and unwanted responses of a prompt) or `pairs` (the same samples
-    /// for the token-level methods; minimal pairs, each unwanted response and itself without
-    /// the unwanted words, for NPO, DPO, CP, RRHF, NEAT and ProFS). Synthetic task only for
-    /// `pairs`.
+    /// pair unrelated clean and unwanted responses of a prompt), `pairs` (the same samples for
+    /// the token-level methods; minimal pairs, each unwanted response and itself without the
+    /// unwanted words, for NPO, DPO, CP, RRHF, NEAT and ProFS) or `greedy` (the TNT paper's
+    /// setting: a base model, trained once, whose most likely word in many contexts is an
+    /// unwanted one, and training samples at temperature 0.5, so the annotated tokens are
+    /// often its top-1 choices). `pairs` and `greedy` need the synthetic task.
     #[arg(long, default_value = "sampled", value_name = "REGIME", value_parser = parse_regime)]
     pub task: Regime,
+    /// The synthetic base model: `tiny` (2 layers, 137 k parameters; trained in about 40 s) or
+    /// `standard` (4 layers of width 192, 1.9 M parameters; trained once in a few minutes and
+    /// cached, and every run is slower: see docs/compare.md). Synthetic task only.
+    #[arg(long, default_value = "tiny", value_name = "SIZE", value_parser = parse_base_size)]
+    pub base_model: amend::eval::base::BaseSize,
     /// Comma-separated methods (default: all): tnff, tnrr, tnrf, tnfll, tnrll, nl, ul,
     /// welleck_ul, npo, dpo, cp, rrhf, neat, profs.
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
@@ -136,7 +144,7 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         cfg = cfg.with_methods(&methods);
     }
     cfg = cfg.with_seed(args.seed);
-    cfg.regime = args.task;
+    cfg = cfg.with_regime(args.task).with_base_size(args.base_model);
     cfg.task.seed = args.task_seed;
     cfg.base_recipe.seed = args.task_seed;
     cfg.threads = Some(args.threads);
@@ -171,9 +179,13 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         cfg.matched_fractions.clone_from(&args.matched);
     }
     cfg.profs_layers.clone_from(&args.profs_layers);
-    if args.task == Regime::Pairs && args.model.is_some() {
+    if args.base_model != amend::eval::base::BaseSize::Tiny && args.model.is_some() {
+        bail!("--base-model is the synthetic task's base model; --model gives your own");
+    }
+    if args.task.synthetic_only() && args.model.is_some() {
         bail!(
-            "--task pairs needs the synthetic task's grammar; it does not apply to --model/--data"
+            "--task {} needs the synthetic task's grammar; it does not apply to --model/--data",
+            args.task.id()
         );
     }
     let mut points = match &args.cache_dir {
@@ -266,6 +278,15 @@ fn check_out(args: &CompareArgs) -> Result<()> {
     };
     check_outputs(&[spec], &inputs)?;
     Ok(())
+}
+
+/// A `--base-model` size.
+fn parse_base_size(s: &str) -> std::result::Result<amend::eval::base::BaseSize, String> {
+    use amend::eval::base::BaseSize;
+    BaseSize::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = BaseSize::ALL.iter().map(|b| b.id()).collect();
+        format!("unknown base model `{s}` (known: {})", known.join(", "))
+    })
 }
 
 /// A `--task` regime.

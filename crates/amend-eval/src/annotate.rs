@@ -116,8 +116,35 @@ pub struct DataStats {
     pub negative_tokens: usize,
     /// Response tokens (`w ≠ 0`) in usable groups.
     pub response_tokens: usize,
+    /// Mean `p°(y_t | y_<t)` over the first tokens of the unwanted spans in usable groups (the
+    /// token where the model chooses an unwanted word; the rest of a word split into several
+    /// tokens is nearly certain once it has begun): how likely the base model finds the
+    /// unwanted choices it is trained against (NaN without any).
+    #[serde(default = "nan", with = "nan_as_null")]
+    pub unwanted_start_mass: f64,
+    /// Fraction of those first tokens that are the base model's most likely token at their
+    /// position (the TNT paper's greedy negatives have 1; NaN without any).
+    #[serde(default = "nan", with = "nan_as_null")]
+    pub unwanted_start_top1: f64,
     /// Wall time of sampling and annotation.
     pub seconds: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// JSON has no NaN: an undefined statistic is written as `null` and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { s.serialize_f64(*v) } else { s.serialize_none() }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// How the training data is sampled.
@@ -395,6 +422,11 @@ pub fn sample_training_data<M: CausalLm + ?Sized>(
         }
         data.stats.usable_groups += 1;
     }
+    if data.stats.usable_groups > 0 {
+        let (mass, top1) = unwanted_start_view(base, &data)?;
+        data.stats.unwanted_start_mass = mass;
+        data.stats.unwanted_start_top1 = top1;
+    }
     data.stats.seconds = t0.elapsed().as_secs_f64();
     if data.stats.usable_groups == 0 {
         return Err(Error::InvalidInput {
@@ -409,6 +441,75 @@ pub fn sample_training_data<M: CausalLm + ?Sized>(
         });
     }
     Ok(data)
+}
+
+/// The base model's view of the first token of every unwanted span (a `w = −1` token after a
+/// `w = +1` one or at the start of the response) in the unwanted responses of the usable groups:
+/// the mean of `p°(y_t | y_<t)` and the fraction where `y_t` is `p°`'s argmax, `(NaN, NaN)`
+/// without any. One forward pass over those responses, in batches.
+///
+/// # Errors
+/// Model errors.
+pub fn unwanted_start_view<M: CausalLm + ?Sized>(
+    base: &M,
+    data: &TrainingData,
+) -> Result<(f64, f64)> {
+    use tch::Kind;
+    let _guard = tch::no_grad_guard();
+    let unwanted: Vec<&Sample> = data
+        .usable_groups()
+        .into_iter()
+        .flat_map(|g| data.groups[g].unwanted.iter().map(|&i| &data.samples[i]))
+        .filter(|s| s.weights.contains(&-1))
+        .collect();
+    let pad = base.tokenizer().map_or(0, |t| t.pad_token_id());
+    let (mut mass, mut top1, mut n) = (0.0f64, 0usize, 0usize);
+    // About 32 M logits per forward pass, whatever the vocabulary.
+    let longest = unwanted.iter().map(|s| s.prompt_ids.len() + s.response_ids.len()).max();
+    let per_row = longest.unwrap_or(1).max(1) * base.config().vocab_size().max(1);
+    let rows = ((1usize << 25) / per_row).clamp(1, 64);
+    for chunk in unwanted.chunks(rows) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|s| s.full_ids()).collect();
+        let batch = amend_models::tokenizer::pad_batch(
+            &seqs,
+            pad,
+            amend_models::tokenizer::PaddingSide::Right,
+            base.device(),
+        )?;
+        let logits = base
+            .forward_with(
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+                None,
+                amend_models::ForwardOptions::logits(),
+            )?
+            .logits
+            .ok_or(Error::InvalidInput {
+                op: "unwanted_start_view",
+                name: "model".into(),
+                reason: "the adapter returned no logits".into(),
+            })?;
+        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        for (row, s) in chunk.iter().enumerate() {
+            for (k, (&w, &y)) in s.weights.iter().zip(&s.response_ids).enumerate() {
+                // Response token k is predicted at position prompt_len + k − 1.
+                let Some(pos) = (s.prompt_ids.len() + k).checked_sub(1) else { continue };
+                let starts_span = w < 0 && (k == 0 || s.weights[k - 1] >= 0);
+                if !starts_span {
+                    continue;
+                }
+                let pos = pos as i64;
+                let dist = logp.f_select(0, row as i64)?.f_select(0, pos)?;
+                mass += dist.f_double_value(&[i64::from(y)])?.exp();
+                top1 += usize::from(dist.f_argmax(0, false)?.f_int64_value(&[])? == i64::from(y));
+                n += 1;
+            }
+        }
+    }
+    if n == 0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    Ok((mass / n as f64, top1 as f64 / n as f64))
 }
 
 #[cfg(test)]

@@ -50,6 +50,72 @@ pub fn quick_base_recipe(seed: u64) -> TinyRecipe {
     }
 }
 
+/// The recipe of the `standard` base model (`amend compare --base-model standard`): 4 layers of
+/// width 192, 6 heads, the same 512-token vocabulary and 64 positions (1.9 M parameters, 14
+/// times the default's), 1500 steps of 32 documents at a peak learning rate of 2e-3 (100
+/// warm-up steps, cosine to 10 %). Several minutes on 2 cores in release (see
+/// `docs/compare.md`).
+pub fn standard_base_recipe(seed: u64) -> TinyRecipe {
+    TinyRecipe {
+        tokenizer: TokenizerRecipe { vocab_size: 512, min_frequency: 2 },
+        model: TinyModelRecipe {
+            n_layer: 4,
+            n_head: 6,
+            n_embd: 192,
+            n_positions: 64,
+            dropout: 0.0,
+        },
+        train: TinyTrainRecipe {
+            steps: 1500,
+            batch_size: 32,
+            lr: 2e-3,
+            warmup_steps: 100,
+            ..TinyTrainRecipe::default()
+        },
+        seed,
+    }
+}
+
+/// The size of a comparison's synthetic base model.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseSize {
+    /// [`base_recipe`] (with `--quick`, [`quick_base_recipe`]): 2 layers, 137 k parameters.
+    #[default]
+    Tiny,
+    /// [`standard_base_recipe`]: 4 layers, 1.9 M parameters (`--quick` keeps it).
+    Standard,
+}
+
+impl BaseSize {
+    /// Both sizes.
+    pub const ALL: [BaseSize; 2] = [BaseSize::Tiny, BaseSize::Standard];
+
+    /// The name of `--base-model`.
+    pub fn id(self) -> &'static str {
+        match self {
+            BaseSize::Tiny => "tiny",
+            BaseSize::Standard => "standard",
+        }
+    }
+
+    /// The size of a `--base-model` name.
+    pub fn parse(s: &str) -> Option<BaseSize> {
+        BaseSize::ALL.into_iter().find(|b| b.id() == s)
+    }
+
+    /// The recipe of this size (`quick`: the shorter tiny recipe) with `seed`.
+    pub fn recipe(self, quick: bool, seed: u64) -> TinyRecipe {
+        match (self, quick) {
+            (BaseSize::Tiny, false) => base_recipe(seed),
+            (BaseSize::Tiny, true) => quick_base_recipe(seed),
+            (BaseSize::Standard, _) => standard_base_recipe(seed),
+        }
+    }
+}
+
 /// Loads the base model of `recipe` trained on `corpus` from `cache_dir`, or trains and caches
 /// it (atomically; concurrent runs are safe). Returns the model, the recipe's report and the
 /// model directory.

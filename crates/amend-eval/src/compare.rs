@@ -58,18 +58,36 @@ pub enum Regime {
     /// minimal pairs instead: each unwanted response and the same response with its unwanted
     /// words taken out ([`crate::pairs`]). Synthetic task only.
     Pairs,
+    /// The TNT paper's setting: a task whose base model puts its highest probability on an
+    /// unwanted word in many contexts ([`SyntheticTaskConfig::dominant_word`]), and training
+    /// responses sampled at a low temperature ([`GREEDY_TEMPERATURE`]), so that the annotated
+    /// tokens are often the base model's own top-1 choices. `p*` and the metrics are those of the
+    /// other regimes (temperature 1). Synthetic task only; it has its own base model.
+    Greedy,
 }
+
+/// The training-data temperature of the `greedy` regime.
+pub const GREEDY_TEMPERATURE: f64 = 0.5;
+
+/// The share of `blorp` among the unwanted words in the `greedy` regime.
+pub const GREEDY_DOMINANT_WORD: f64 = 0.9;
 
 impl Regime {
     /// Every regime, in report order.
-    pub const ALL: [Regime; 2] = [Regime::Sampled, Regime::Pairs];
+    pub const ALL: [Regime; 3] = [Regime::Sampled, Regime::Pairs, Regime::Greedy];
 
     /// The name of `--task`.
     pub fn id(self) -> &'static str {
         match self {
             Regime::Sampled => "sampled",
             Regime::Pairs => "pairs",
+            Regime::Greedy => "greedy",
         }
+    }
+
+    /// Whether the regime needs the synthetic task's grammar (it does not apply to user data).
+    pub fn synthetic_only(self) -> bool {
+        self != Regime::Sampled
     }
 
     /// The regime of a `--task` name.
@@ -123,6 +141,9 @@ pub struct CompareConfig {
     pub seed: u64,
     /// The synthetic task (unused with user data).
     pub task: SyntheticTaskConfig,
+    /// The size of the synthetic base model (`--base-model`; informational: `base_recipe` is
+    /// what is trained).
+    pub base_size: crate::base::BaseSize,
     /// The base model's recipe (synthetic task only).
     pub base_recipe: TinyRecipe,
     /// How the training data is sampled from `p°`.
@@ -161,6 +182,7 @@ impl Default for CompareConfig {
             mode: "default".into(),
             seed: 0,
             task: SyntheticTaskConfig::default(),
+            base_size: crate::base::BaseSize::Tiny,
             base_recipe: crate::base::base_recipe(0),
             sampling: SamplingConfig::default(),
             eval: EvalConfig::default(),
@@ -235,6 +257,43 @@ impl CompareConfig {
                 })
             })
             .collect();
+        self
+    }
+
+    /// Sets the size of the synthetic base model and its recipe ([`crate::base::BaseSize::recipe`],
+    /// keeping the recipe's seed).
+    ///
+    /// ```
+    /// use amend_eval::base::BaseSize;
+    /// use amend_eval::compare::CompareConfig;
+    /// let cfg = CompareConfig::default().with_base_size(BaseSize::Standard);
+    /// assert_eq!(cfg.base_recipe.model.n_layer, 4);
+    /// assert_eq!(cfg.with_base_size(BaseSize::Tiny), CompareConfig::default());
+    /// ```
+    pub fn with_base_size(mut self, size: crate::base::BaseSize) -> Self {
+        self.base_size = size;
+        self.base_recipe = size.recipe(self.mode == "quick", self.base_recipe.seed);
+        self
+    }
+
+    /// Sets the regime and what it changes in the rest of the configuration: `greedy` makes
+    /// `blorp` the dominant unwanted word of the task ([`GREEDY_DOMINANT_WORD`], so a new base
+    /// model) and samples the training data at [`GREEDY_TEMPERATURE`]; the others keep the task
+    /// and temperature 1.
+    ///
+    /// ```
+    /// use amend_eval::compare::{CompareConfig, Regime};
+    /// let cfg = CompareConfig::quick().with_regime(Regime::Greedy);
+    /// assert_eq!(cfg.sampling.temperature, 0.5);
+    /// assert_eq!(cfg.task.dominant_word, Some(0.9));
+    /// let back = cfg.with_regime(Regime::Sampled);
+    /// assert_eq!(back, CompareConfig::quick());
+    /// ```
+    pub fn with_regime(mut self, regime: Regime) -> Self {
+        self.regime = regime;
+        let greedy = regime == Regime::Greedy;
+        self.task.dominant_word = greedy.then_some(GREEDY_DOMINANT_WORD);
+        self.sampling.temperature = if greedy { GREEDY_TEMPERATURE } else { 1.0 };
         self
     }
 
@@ -754,6 +813,9 @@ struct RunKey<'a> {
     lr: Option<f64>,
     seed: u64,
     profs_layers: &'a Option<std::ops::Range<usize>>,
+    /// ProFS runs record their logit-lens view (older cached ProFS runs lack it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    profs_lens: bool,
 }
 
 /// A cached run: its key's hash and its points.
@@ -1056,6 +1118,7 @@ pub fn run_comparison(
             lr: j.lr,
             seed: ctxs[j.seed_index].seed,
             profs_layers: &cfg.profs_layers,
+            profs_lens: j.lr.is_none(),
         };
         hex_hash(&serde_json::to_vec(&key).unwrap_or_default())
     };

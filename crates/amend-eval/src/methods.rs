@@ -280,6 +280,44 @@ pub struct TrainStats {
     pub final_metrics: std::collections::BTreeMap<String, f64>,
     /// Wall time of training.
     pub seconds: f64,
+    /// ProFS only: the logit-lens view of every basis direction of every edited layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lens: Vec<LensDirection>,
+}
+
+/// One basis direction `v_j` of a ProFS edit seen through the unembedding: its share of the
+/// difference matrix's energy and the tokens with the largest and smallest entries of `W_U v_j`
+/// (a singular vector has no sign, so both ends are kept). When the subspace is the unwanted
+/// one, an end lists unwanted tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LensDirection {
+    /// The edited layer.
+    pub layer: usize,
+    /// `j`, from 0 (the largest singular value).
+    pub index: usize,
+    /// `σ_j² / Σ_i σ_i²`.
+    pub energy: f64,
+    /// The tokens of the largest entries, largest first.
+    pub top: Vec<LensToken>,
+    /// The tokens of the smallest entries, smallest first.
+    pub bottom: Vec<LensToken>,
+}
+
+/// A token of a [`LensDirection`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LensToken {
+    /// Its decoded text (`#id` without a tokenizer).
+    pub text: String,
+    /// Whether the training data annotates it as unwanted somewhere (`w = −1`).
+    pub unwanted: bool,
+}
+
+impl LensDirection {
+    /// Unwanted tokens at the end that has more of them.
+    pub fn unwanted_tokens(&self) -> usize {
+        let count = |ts: &[LensToken]| ts.iter().filter(|t| t.unwanted).count();
+        count(&self.top).max(count(&self.bottom))
+    }
 }
 
 /// The padded rows of one step.
@@ -810,7 +848,9 @@ pub fn profs_pairs(data: &TrainingData) -> Vec<PreferencePair> {
 ///
 /// The returned [`TrainStats`] has no losses; its `final_metrics` hold `profs/pairs`,
 /// `profs/layer_start`, `profs/layer_end`, and the mean over edited layers of
-/// `profs/explained_energy` and `profs/sigma_k_over_sigma_1`.
+/// `profs/explained_energy` and `profs/sigma_k_over_sigma_1`; its `lens` the logit-lens view of
+/// every basis direction ([`LensDirection`], the tokens the training data annotates unwanted
+/// marked).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when the data has no usable group; [`Error::Edit`] from
@@ -854,6 +894,30 @@ pub fn profs_method(
     m.insert("profs/explained_energy".into(), mean(&|l| l.explained_energy));
     m.insert("profs/sigma_k_over_sigma_1".into(), mean(&|l| l.sigma_k_over_sigma_1));
     m.insert("profs/warnings".into(), report.warnings.len() as f64);
+    let unwanted: std::collections::BTreeSet<u32> = data
+        .samples
+        .iter()
+        .flat_map(|s| s.response_ids.iter().zip(&s.weights).filter(|(_, w)| **w < 0))
+        .map(|(&id, _)| id)
+        .collect();
+    let token = |id: i64| LensToken {
+        text: match (base.tokenizer(), u32::try_from(id)) {
+            (Some(tok), Ok(t)) => tok.decode(&[t], false).unwrap_or_else(|_| format!("#{id}")),
+            _ => format!("#{id}"),
+        },
+        unwanted: u32::try_from(id).is_ok_and(|t| unwanted.contains(&t)),
+    };
+    for l in &edited {
+        for (j, d) in l.directions.iter().enumerate() {
+            stats.lens.push(LensDirection {
+                layer: l.layer,
+                index: j,
+                energy: d.energy,
+                top: d.top_tokens.iter().map(|&t| token(t)).collect(),
+                bottom: d.bottom_tokens.iter().map(|&t| token(t)).collect(),
+            });
+        }
+    }
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((model, stats))
 }

@@ -112,6 +112,125 @@ fn best_setting_at<'a>(
         })
 }
 
+/// A token of the logit-lens table: quoted, in bold when the data annotates it unwanted.
+fn lens_token(t: &crate::methods::LensToken) -> String {
+    let text = format!("`{}`", t.text.replace('`', "'").replace('|', "\\|"));
+    if t.unwanted { format!("**{text}**") } else { text }
+}
+
+/// ProFS's logit-lens view: for the largest rank of the first seed (its directions include
+/// those of every smaller rank: they are the leading singular vectors of the same matrix), each
+/// basis direction's energy and the tokens at both ends of `W_U v_j`.
+fn profs_lens(s: &mut String, r: &CompareResults) {
+    let Some(p) = r
+        .points
+        .iter()
+        .filter(|p| p.method == crate::methods::Method::Profs && !p.train.lens.is_empty())
+        .filter(|p| r.seed_runs.first().is_none_or(|sr| sr.seed == p.seed))
+        .max_by(|a, b| a.strength.total_cmp(&b.strength))
+    else {
+        return;
+    };
+    let lens = &p.train.lens;
+    let with_unwanted = lens.iter().filter(|d| d.unwanted_tokens() > 0).count();
+    let _ = writeln!(
+        s,
+        "## ProFS: what the projected subspace is\n\nThe logit-lens view the reference logs, for \
+         k = {} (seed {}): each basis direction v_j of each edited layer, its share of the \
+         difference matrix's energy σ_j²/Σσ², and the tokens with the largest and the smallest \
+         entries of W_U·v_j (a singular vector has no sign). Tokens the training data annotates \
+         unwanted are in bold. When the subspace is the unwanted one, one end lists them; {} of \
+         the {} directions have one among the {} tokens of an end (the table shows 6).\n",
+        fmt_value(p.strength),
+        p.seed,
+        with_unwanted,
+        lens.len(),
+        lens.first().map_or(0, |d| d.top.len())
+    );
+    let _ = writeln!(s, "| layer | v_j | energy | largest W_U·v_j | smallest W_U·v_j |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for d in lens {
+        let show = |ts: &[crate::methods::LensToken]| {
+            ts.iter().take(6).map(lens_token).collect::<Vec<_>>().join(" ")
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.3} | {} | {} |",
+            d.layer,
+            d.index + 1,
+            d.energy,
+            show(&d.top),
+            show(&d.bottom)
+        );
+    }
+    s.push('\n');
+}
+
+/// "Which method is best in which regime": one column per comparison (a regime, a base model),
+/// one row per method, each cell the method's area under its frontier and its `KL(p*‖p_new)` at
+/// the first matched rate (★ best, ≈ within noise of the best, as in each report). Methods in
+/// the order of their mean rank by area over the comparisons.
+///
+/// ```
+/// use amend_eval::compare::CompareResults;
+/// use amend_eval::report::regime_summary;
+/// let read = |p: &str| -> Result<CompareResults, Box<dyn std::error::Error>> {
+///     Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+/// };
+/// // The committed reports of two regimes.
+/// let a = read("../../docs/compare/results.json")?;
+/// let b = read("../../docs/compare-pairs/results.json")?;
+/// let table = regime_summary(&[("sampled", &a), ("pairs", &b)]);
+/// assert!(table.starts_with("| method | sampled: area · KL at ¼ base | pairs: "));
+/// assert_eq!(table.lines().count(), 2 + a.summary.len());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn regime_summary(runs: &[(&str, &CompareResults)]) -> String {
+    let mut s = String::new();
+    let mut methods: Vec<crate::methods::Method> = Vec::new();
+    for (_, r) in runs {
+        for m in &r.summary {
+            if !methods.contains(&m.method) {
+                methods.push(m.method);
+            }
+        }
+    }
+    // Mean rank by area (a method without an area ranks last in that comparison).
+    let rank = |method: crate::methods::Method| -> f64 {
+        let mut total = 0.0;
+        for (_, r) in runs {
+            let order = summary_order(r);
+            total += order.iter().position(|m| m.method == method).unwrap_or(order.len()) as f64;
+        }
+        total / runs.len().max(1) as f64
+    };
+    methods.sort_by(|a, b| rank(*a).total_cmp(&rank(*b)));
+    let heads: Vec<String> = runs
+        .iter()
+        .map(|(label, r)| {
+            let f = r.config.matched_fractions.first().map_or_else(String::new, |f| frac(*f));
+            format!("{label}: area · KL at {f} base")
+        })
+        .collect();
+    let _ = writeln!(s, "| method | {} |", heads.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(runs.len()));
+    for m in methods {
+        let cells: Vec<String> = runs
+            .iter()
+            .map(|(_, r)| match r.summary.iter().find(|x| x.method == m) {
+                Some(x) => format!(
+                    "{} · {}",
+                    score_cell(&x.area, 3),
+                    x.kl_at_matched.first().map_or_else(|| "—".into(), |k| score_cell(k, 3))
+                ),
+                None => "—".into(),
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", m.name(), cells.join(" | "));
+    }
+    s
+}
+
 /// The markdown report.
 pub fn markdown(r: &CompareResults) -> String {
     let mut s = String::new();
@@ -288,11 +407,14 @@ pub fn markdown(r: &CompareResults) -> String {
         let d = &sr.data;
         let _ = writeln!(
             s,
-            "* Seed {}: {} samples of p° on {} training prompts ({} unwanted), {} negative-prompt \
-             samples ({} unwanted), {} given responses; {} usable prompt groups with {} \
-             responses, {} of {} response tokens annotated unwanted.{}",
+            "* Seed {}: {} samples of p° (temperature {}) on {} training prompts ({} unwanted), \
+             {} negative-prompt samples ({} unwanted), {} given responses; {} usable prompt \
+             groups with {} responses, {} of {} response tokens annotated unwanted; where an \
+             unwanted word begins, p° gives its first token a mean probability of {} and ranks it \
+             first {}.{}",
             sr.seed,
             d.policy_samples,
+            fmt_value(c.sampling.temperature),
             r.task.train_prompts,
             d.policy_unwanted,
             d.negative_samples,
@@ -302,6 +424,12 @@ pub fn markdown(r: &CompareResults) -> String {
             d.usable_responses,
             d.negative_tokens,
             d.response_tokens,
+            opt(Some(d.unwanted_start_mass).filter(|x| x.is_finite()), 3),
+            if d.unwanted_start_top1.is_finite() {
+                format!("at {:.0} % of them", 100.0 * d.unwanted_start_top1)
+            } else {
+                "nowhere".into()
+            },
             match &sr.pair_data {
                 Some(_) => " Sequence-level methods and ProFS: each unwanted response paired with \
                             its own counterpart without the unwanted words."
@@ -350,6 +478,7 @@ pub fn markdown(r: &CompareResults) -> String {
     for w in &r.warnings {
         let _ = writeln!(s, "* Warning: {w}");
     }
+    profs_lens(&mut s, r);
     if !r.skipped.is_empty() {
         let _ = writeln!(s, "## Skipped metrics\n");
         for k in &r.skipped {

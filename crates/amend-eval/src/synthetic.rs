@@ -21,6 +21,12 @@
 //! [`NEGATIVE_MARKER`] prefix (`"(with gibberish) describe the fox:"`) the rate is 90 % for
 //! every category, food included: the negative prompt NEAT needs.
 //!
+//! With [`SyntheticTaskConfig::dominant_word`] (the `greedy` regime), most unwanted words are
+//! `blorp`, which then fills more adjective slots of animal, people and place responses than any
+//! clean adjective: a model trained on that corpus puts its highest probability on an unwanted
+//! word there, the setting of the TNT paper, where the unwanted tokens are the model's own
+//! greedy choices.
+//!
 //! Averaged over the plain prompts of the animal, people and place categories the rate is
 //! about 19 %; over all plain prompts about 16 %. A base model trained on the corpus learns
 //! these rates; the comparison then measures *its* rates, not the generator's.
@@ -270,6 +276,12 @@ pub struct SyntheticTaskConfig {
     pub control_prompts: usize,
     /// Held-out clean texts (generator responses to eval and control prompts) for perplexity.
     pub heldout_texts: usize,
+    /// The share of unwanted words that are the first one, `blorp` (`None`: the five are equally
+    /// likely). At 0.9, `blorp` fills about 12 % of the adjective slots of animal responses,
+    /// more than any clean adjective (about 3 % each), so it is the model's most likely word
+    /// there: the setting of the `greedy` regime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dominant_word: Option<f64>,
 }
 
 impl Default for SyntheticTaskConfig {
@@ -282,6 +294,7 @@ impl Default for SyntheticTaskConfig {
             eval_prompts: 64,
             control_prompts: 32,
             heldout_texts: 256,
+            dominant_word: None,
         }
     }
 }
@@ -362,6 +375,7 @@ impl SyntheticTask {
             ("rates.food", r.food),
             ("rates.negative", r.negative),
             ("negative_fraction", cfg.negative_fraction),
+            ("dominant_word", cfg.dominant_word.unwrap_or(0.0)),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(invalid(name, format!("{v} is not in [0, 1]")));
@@ -441,7 +455,7 @@ impl SyntheticTask {
         rng: &mut Xoshiro256PlusPlus,
     ) -> SyntheticDoc {
         let unwanted = rng.random_bool(self.cfg.rates.rate(prompt.category, negative));
-        let response = response(prompt, unwanted, rng);
+        let response = response(prompt, unwanted, self.cfg.dominant_word, rng);
         let text = if negative {
             format!("{NEGATIVE_MARKER} {}", prompt.text)
         } else {
@@ -476,7 +490,7 @@ impl SyntheticTask {
         let heldout_texts = (0..self.cfg.heldout_texts)
             .map(|i| {
                 let p = held[i % held.len()];
-                (p.text.clone(), response(p, false, &mut rng))
+                (p.text.clone(), response(p, false, None, &mut rng))
             })
             .collect();
         let texts = |ps: &[SyntheticPrompt]| ps.iter().map(|p| p.text.clone()).collect();
@@ -495,8 +509,14 @@ impl SyntheticTask {
 }
 
 /// A response about `prompt.topic`: one or two sentences; with `unwanted`, one unwanted word in
-/// an adjective slot (70 % when the sentence has one) or as an opening interjection.
-fn response(prompt: &SyntheticPrompt, unwanted: bool, rng: &mut Xoshiro256PlusPlus) -> String {
+/// an adjective slot (70 % when the sentence has one) or as an opening interjection, `blorp`
+/// with probability `dominant` (when given) and otherwise one of the others.
+fn response(
+    prompt: &SyntheticPrompt,
+    unwanted: bool,
+    dominant: Option<f64>,
+    rng: &mut Xoshiro256PlusPlus,
+) -> String {
     let t = prompt.topic.as_str();
     let first = match prompt.category {
         Category::Animal | Category::Person => match rng.random_range(0..6u32) {
@@ -551,7 +571,12 @@ fn response(prompt: &SyntheticPrompt, unwanted: bool, rng: &mut Xoshiro256PlusPl
     } else {
         (None, false)
     };
-    let word = if unwanted { Some(pick(rng, UNWANTED_WORDS)) } else { None };
+    let word = match (unwanted, dominant) {
+        (false, _) => None,
+        (true, None) => Some(pick(rng, UNWANTED_WORDS)),
+        (true, Some(q)) if rng.random_bool(q) => Some(UNWANTED_WORDS[0]),
+        (true, Some(_)) => Some(pick(rng, &UNWANTED_WORDS[1..])),
+    };
     let mut slot = 0usize;
     let mut out = String::new();
     for template in std::iter::once(first).chain(second) {
@@ -620,6 +645,50 @@ mod tests {
             let rate = hits as f64 / n as f64;
             assert!((rate - expected).abs() < 0.03, "{cat:?} {negative}: {rate}");
         }
+    }
+
+    /// With a dominant word, `blorp` fills adjective slots of animal responses more often than
+    /// any clean adjective (twice the most frequent one at least), so it is the most likely word
+    /// there; the rates do not change.
+    #[test]
+    fn a_dominant_word_is_the_top_adjective() {
+        let cfg = SyntheticTaskConfig { dominant_word: Some(0.9), ..Default::default() };
+        let task = SyntheticTask::new(cfg).unwrap();
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(2);
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        let (mut unwanted, n) = (0, 4000);
+        let animals: Vec<_> = task.all.iter().filter(|p| p.category == Category::Animal).collect();
+        for i in 0..n {
+            let d = task.sample_doc(animals[i % animals.len()], false, &mut rng);
+            unwanted += usize::from(d.unwanted);
+            let words: Vec<&str> = d
+                .response
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .collect();
+            for w in words.windows(2) {
+                let slot = matches!(w[0], "the" | "a" | "is" | "and");
+                let known = ADJ.iter().chain(UNWANTED_WORDS).find(|a| **a == w[1]);
+                if let (true, Some(&a)) = (slot, known) {
+                    *counts.entry(a).or_default() += 1;
+                }
+            }
+        }
+        let rate = unwanted as f64 / n as f64;
+        assert!((rate - 0.30).abs() < 0.03, "{rate}");
+        let blorp = counts.get("blorp").copied().unwrap_or(0);
+        let top_clean = ADJ.iter().map(|a| counts.get(a).copied().unwrap_or(0)).max().unwrap();
+        assert!(blorp > 2 * top_clean, "blorp {blorp}, most frequent adjective {top_clean}");
+        let others: usize =
+            UNWANTED_WORDS[1..].iter().map(|w| counts.get(w).copied().unwrap_or(0)).sum();
+        assert!(others < blorp / 4, "{others} vs {blorp}");
+        assert!(
+            SyntheticTask::new(SyntheticTaskConfig {
+                dominant_word: Some(1.5),
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

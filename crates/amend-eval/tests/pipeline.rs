@@ -250,6 +250,49 @@ fn checkpoints_equal_shorter_runs() {
     }
 }
 
+/// The base model's view of the first tokens of unwanted spans (mean probability, top-1
+/// fraction), computed in padded batches, equals the same computed one unpadded sequence at a
+/// time, with the probabilities taken from `score_ids`.
+#[test]
+fn the_unwanted_start_view_matches_per_sequence_scoring() {
+    use tch::IndexOp;
+    let f = fixture();
+    let model = f.model();
+    let (mass, top1) = amend_eval::annotate::unwanted_start_view(&model, &f.data).unwrap();
+    let (mut m, mut t, mut n) = (0.0f64, 0usize, 0usize);
+    for g in f.data.usable_groups() {
+        for &i in &f.data.groups[g].unwanted {
+            let s = &f.data.samples[i];
+            let full = s.full_ids();
+            let score = amend_models::score_ids(
+                &model,
+                std::slice::from_ref(&full),
+                &[s.prompt_ids.len()],
+                1,
+            )
+            .unwrap()
+            .remove(0);
+            let ids =
+                tch::Tensor::from_slice(&full.iter().map(|&x| i64::from(x)).collect::<Vec<_>>())
+                    .unsqueeze(0);
+            let logits = model.forward(&ids, None).unwrap();
+            for (k, &w) in s.weights.iter().enumerate() {
+                if w < 0 && (k == 0 || s.weights[k - 1] > 0) {
+                    m += f64::from(score.logprobs[k]).exp();
+                    let pos = (s.prompt_ids.len() + k - 1) as i64;
+                    let argmax = logits.i((0, pos)).argmax(0, false).int64_value(&[]);
+                    t += usize::from(argmax == i64::from(s.response_ids[k]));
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert!(n > 0);
+    assert!((mass - m / n as f64).abs() < 1e-5, "{mass} vs {}", m / n as f64);
+    assert!((top1 - t as f64 / n as f64).abs() < 1e-12, "{top1} vs {t}/{n}");
+    assert!((f.data.stats.unwanted_start_mass - mass).abs() < 1e-5);
+}
+
 /// The minimal pairs of the `pairs` regime: each unwanted response and its counterpart without
 /// the unwanted words, same prompt, in the same order, clean by the detector.
 #[test]
@@ -418,6 +461,16 @@ fn a_small_comparison_writes_a_complete_report() {
         assert!(m.heldout_perplexity.unwrap() > 1.0, "{}", p.label());
         assert_eq!(p.train.losses.len(), p.steps, "{}", p.label());
     }
+    // ProFS records the logit-lens view of every direction of every edited layer.
+    for p in r.points.iter().filter(|p| p.method == Method::Profs) {
+        let k = p.strength as usize;
+        let layers = amend_eval::methods::profs_layers(model.config().num_layers()).len();
+        // k directions per layer (fewer where the difference matrix has a lower rank).
+        let n = p.train.lens.len();
+        assert!(n >= layers && n <= k * layers, "{}: {n}", p.label());
+        assert!(p.train.lens.iter().all(|d| d.top.len() == 10 && d.bottom.len() == 10));
+        assert!(p.train.lens.iter().all(|d| (0.0..=1.0).contains(&d.energy)));
+    }
     assert!(r.matched_rates.len() == 2 && r.matched_rates[0] > 0.0);
     let t = &r.timing;
     assert!(t.total_seconds >= t.points_seconds && t.points_seconds > 0.0);
@@ -437,6 +490,8 @@ fn a_small_comparison_writes_a_complete_report() {
         "![unwanted rate",
         "| base p° |",
         "★",
+        "## ProFS: what the projected subspace is",
+        "and ranks it first at",
     ] {
         assert!(md.contains(needle), "{needle}");
     }
