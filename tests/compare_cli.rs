@@ -211,6 +211,26 @@ fn greedy_regime_trains_on_the_base_models_top1_choices() {
     // ProFS records its logit-lens view, and the report shows it.
     assert!(greedy.points.iter().any(|p| !p.train.lens.is_empty()));
     assert!(md.contains("## ProFS: what the projected subspace is"));
+    // --summary: one table of both reports, a column each, a row per method.
+    let dirs = format!("{},{}", tmp.0.join("greedy").display(), tmp.0.join("sampled").display());
+    let table = ok(&amend(&["compare", "--summary", &dirs], &cache));
+    assert!(
+        table.starts_with("| method | `greedy` (quick): area · KL at ¼ base | `sampled` (quick): "),
+        "{table}"
+    );
+    for m in ["TNRR", "TNFF", "ProFS"] {
+        assert!(table.lines().any(|l| l.starts_with(&format!("| {m} |"))), "{table}");
+    }
+    assert_eq!(table.lines().count(), 2 + 3, "{table}");
+    let missing =
+        ok_err(&amend(&["compare", "--summary", tmp.0.join("nope").to_str().unwrap()], &cache));
+    assert!(missing.contains("cannot read"), "{missing}");
+}
+
+/// The stderr of a command that failed (exit code 1 or 2).
+fn ok_err(out: &Output) -> String {
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -44,6 +44,7 @@ use amend::models::CausalLm;
 ///   amend compare --methods tnrr,nl,ul,dpo --seeds 3 --out reports/s3
 ///   amend compare --lr 1e-4 --steps 60 --seeds 1   # one budget, one seed (the old report)
 ///   amend compare --model ./my-gpt2 --data prompts.jsonl --quick
+///   amend compare --summary reports/compare,reports/compare-greedy   # one table of both
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
     /// Smaller base model, fewer samples, steps 10 and 20, two strengths per method.
@@ -119,6 +120,10 @@ pub struct CompareArgs {
     /// still written to it).
     #[arg(long)]
     pub fresh: bool,
+    /// Run nothing: print the table "which method is best in which regime" of finished reports
+    /// (comma-separated report folders, each with its results.json), one column per report.
+    #[arg(long, value_delimiter = ',', value_name = "DIRS", conflicts_with_all = ["model", "data", "quick"])]
+    pub summary: Vec<PathBuf>,
     /// Do not draw progress bars or print progress lines.
     #[arg(long)]
     pub no_progress: bool,
@@ -128,6 +133,9 @@ pub struct CompareArgs {
 
 /// Runs `amend compare`.
 pub fn run(args: &CompareArgs) -> Result<()> {
+    if !args.summary.is_empty() {
+        return summarize(&args.summary);
+    }
     check_out(args)?;
     let mut cfg = if args.quick { CompareConfig::quick() } else { CompareConfig::default_mode() };
     if !args.methods.is_empty() {
@@ -278,6 +286,30 @@ fn check_out(args: &CompareArgs) -> Result<()> {
     };
     check_outputs(&[spec], &inputs)?;
     Ok(())
+}
+
+/// `--summary`: the regime table of finished reports, labelled by regime (and base model when it
+/// is not the tiny one, and mode when it is not the default).
+fn summarize(dirs: &[PathBuf]) -> Result<()> {
+    let mut runs = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        let path = d.join("results.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let r: amend::eval::compare::CompareResults = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not an amend compare results.json", path.display()))?;
+        let mut label = format!("`{}`", r.config.regime.id());
+        if r.config.base_size != amend::eval::base::BaseSize::Tiny {
+            label += &format!(" ({} model)", r.config.base_size.id());
+        }
+        if !matches!(r.config.mode.as_str(), "default") {
+            label += &format!(" ({})", r.config.mode);
+        }
+        runs.push((label, r));
+    }
+    let refs: Vec<(&str, &amend::eval::compare::CompareResults)> =
+        runs.iter().map(|(l, r)| (l.as_str(), r)).collect();
+    super::score::emit(&amend::eval::report::regime_summary(&refs))
 }
 
 /// A `--base-model` size.

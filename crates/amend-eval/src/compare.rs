@@ -813,9 +813,18 @@ struct RunKey<'a> {
     lr: Option<f64>,
     seed: u64,
     profs_layers: &'a Option<std::ops::Range<usize>>,
-    /// ProFS runs record their logit-lens view (older cached ProFS runs lack it).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    profs_lens: bool,
+    /// The version of the logit-lens view ProFS runs record (0 for the other methods; older
+    /// cached ProFS runs lack it or mark other tokens).
+    #[serde(skip_serializing_if = "is_zero")]
+    profs_lens: u32,
+}
+
+/// The version of ProFS's logit-lens view in cached runs.
+const PROFS_LENS_VERSION: u32 = 2;
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// A cached run: its key's hash and its points.
@@ -1118,7 +1127,7 @@ pub fn run_comparison(
             lr: j.lr,
             seed: ctxs[j.seed_index].seed,
             profs_layers: &cfg.profs_layers,
-            profs_lens: j.lr.is_none(),
+            profs_lens: if j.lr.is_none() { PROFS_LENS_VERSION } else { 0 },
         };
         hex_hash(&serde_json::to_vec(&key).unwrap_or_default())
     };

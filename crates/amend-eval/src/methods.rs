@@ -308,7 +308,8 @@ pub struct LensDirection {
 pub struct LensToken {
     /// Its decoded text (`#id` without a tokenizer).
     pub text: String,
-    /// Whether the training data annotates it as unwanted somewhere (`w = −1`).
+    /// Whether it is an unwanted token of the training data: at least 90 % of its occurrences in
+    /// the responses are annotated unwanted (`w = −1`).
     pub unwanted: bool,
 }
 
@@ -849,8 +850,8 @@ pub fn profs_pairs(data: &TrainingData) -> Vec<PreferencePair> {
 /// The returned [`TrainStats`] has no losses; its `final_metrics` hold `profs/pairs`,
 /// `profs/layer_start`, `profs/layer_end`, and the mean over edited layers of
 /// `profs/explained_energy` and `profs/sigma_k_over_sigma_1`; its `lens` the logit-lens view of
-/// every basis direction ([`LensDirection`], the tokens the training data annotates unwanted
-/// marked).
+/// every basis direction ([`LensDirection`], with the training data's unwanted tokens marked:
+/// those annotated unwanted at 90 % of their occurrences or more).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when the data has no usable group; [`Error::Edit`] from
@@ -894,12 +895,19 @@ pub fn profs_method(
     m.insert("profs/explained_energy".into(), mean(&|l| l.explained_energy));
     m.insert("profs/sigma_k_over_sigma_1".into(), mean(&|l| l.sigma_k_over_sigma_1));
     m.insert("profs/warnings".into(), report.warnings.len() as f64);
-    let unwanted: std::collections::BTreeSet<u32> = data
-        .samples
-        .iter()
-        .flat_map(|s| s.response_ids.iter().zip(&s.weights).filter(|(_, w)| **w < 0))
-        .map(|(&id, _)| id)
-        .collect();
+    // Unwanted tokens: at least 90 % of their occurrences in the responses are annotated
+    // unwanted (so `blorp`, not the pieces `le` or ` w` that unwanted words share with clean
+    // ones).
+    let mut seen: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
+    for s in &data.samples {
+        for (&id, &w) in s.response_ids.iter().zip(&s.weights) {
+            let e = seen.entry(id).or_default();
+            e.0 += usize::from(w < 0);
+            e.1 += 1;
+        }
+    }
+    let unwanted: std::collections::BTreeSet<u32> =
+        seen.into_iter().filter(|(_, (neg, all))| 10 * neg >= 9 * all).map(|(id, _)| id).collect();
     let token = |id: i64| LensToken {
         text: match (base.tokenizer(), u32::try_from(id)) {
             (Some(tok), Ok(t)) => tok.decode(&[t], false).unwrap_or_else(|_| format!("#{id}")),

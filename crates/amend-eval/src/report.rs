@@ -138,9 +138,10 @@ fn profs_lens(s: &mut String, r: &CompareResults) {
         "## ProFS: what the projected subspace is\n\nThe logit-lens view the reference logs, for \
          k = {} (seed {}): each basis direction v_j of each edited layer, its share of the \
          difference matrix's energy σ_j²/Σσ², and the tokens with the largest and the smallest \
-         entries of W_U·v_j (a singular vector has no sign). Tokens the training data annotates \
-         unwanted are in bold. When the subspace is the unwanted one, one end lists them; {} of \
-         the {} directions have one among the {} tokens of an end (the table shows 6).\n",
+         entries of W_U·v_j (a singular vector has no sign). The training data's unwanted \
+         tokens (annotated unwanted at 90 % of their occurrences or more) are in bold. When the \
+         subspace is the unwanted one, one end lists them; {} of the {} directions have one \
+         among the {} tokens of an end (the table shows 6).\n",
         fmt_value(p.strength),
         p.seed,
         with_unwanted,
