@@ -9,7 +9,7 @@ CARGO ?= cargo
 setup:
 	@bash scripts/setup-libtorch.sh
 
-## demo: the project's main job: `amend compare` on the embedded default task (about 7 minutes
+## demo: the project's main job: `amend compare` on the embedded default task (7 to 9 minutes
 ## on 2 cores, plus 40 s to train the base model on the first run; an interrupted run
 ## resumes from its point cache); the report goes to reports/compare/ (report.md, results.json,
 ## plot.svg, plot.png)

@@ -37,7 +37,7 @@ use amend::models::CausalLm;
 /// with your prompts and annotations (schema: docs/compare-data.md).
 ///
 /// Examples:
-///   amend compare                        # about 7 minutes on 2 cores (docs/compare.md)
+///   amend compare                        # 7 to 9 minutes on 2 cores (docs/compare.md)
 ///   amend compare --quick                # about a minute; noisy numbers
 ///   amend compare --task pairs           # minimal pairs for the sequence-level methods
 ///   amend compare --task greedy          # unwanted words are the base model's top-1 choices
@@ -60,8 +60,9 @@ pub struct CompareArgs {
     #[arg(long, default_value = "sampled", value_name = "REGIME", value_parser = parse_regime)]
     pub task: Regime,
     /// The synthetic base model: `tiny` (2 layers, 137 k parameters; trained in about 40 s) or
-    /// `standard` (4 layers of width 192, 1.9 M parameters; trained once in a few minutes and
-    /// cached, and every run is slower: see docs/compare.md). Synthetic task only.
+    /// `standard` (4 layers of width 192, 1.9 M parameters; trained once in about 5 minutes and
+    /// cached; every run is about 6 times slower: 22 minutes with --seeds 1, see
+    /// docs/compare.md). Synthetic task only.
     #[arg(long, default_value = "tiny", value_name = "SIZE", value_parser = parse_base_size)]
     pub base_model: amend::eval::base::BaseSize,
     /// Comma-separated methods (default: all): tnff, tnrr, tnrf, tnfll, tnrll, nl, ul,
