@@ -120,31 +120,20 @@ pub struct DataStats {
     /// token where the model chooses an unwanted word; the rest of a word split into several
     /// tokens is nearly certain once it has begun): how likely the base model finds the
     /// unwanted choices it is trained against (NaN without any).
-    #[serde(default = "nan", with = "nan_as_null")]
+    #[serde(default = "nan", deserialize_with = "crate::metrics::f64_or_nan")]
     pub unwanted_start_mass: f64,
     /// Fraction of those first tokens that are the base model's most likely token at their
     /// position (the TNT paper's greedy negatives have 1; NaN without any).
-    #[serde(default = "nan", with = "nan_as_null")]
+    #[serde(default = "nan", deserialize_with = "crate::metrics::f64_or_nan")]
     pub unwanted_start_top1: f64,
     /// Wall time of sampling and annotation.
     pub seconds: f64,
 }
 
+/// Statistics missing from older files read back as undefined (serde_json writes NaN as `null`,
+/// which [`crate::metrics::f64_or_nan`] reads back as NaN).
 fn nan() -> f64 {
     f64::NAN
-}
-
-/// JSON has no NaN: an undefined statistic is written as `null` and read back as NaN.
-mod nan_as_null {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_finite() { s.serialize_f64(*v) } else { s.serialize_none() }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
 }
 
 /// How the training data is sampled.
@@ -515,6 +504,28 @@ pub fn unwanted_start_view<M: CausalLm + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An undefined statistic is written as `null` and read back as NaN; a file from before
+    /// the field existed reads it as NaN too.
+    #[test]
+    fn undefined_statistics_round_trip_through_json() {
+        let stats = DataStats {
+            unwanted_start_mass: f64::NAN,
+            unwanted_start_top1: 0.25,
+            ..DataStats::default()
+        };
+        let json = serde_json::to_string(&stats).unwrap();
+        assert!(json.contains(r#""unwanted_start_mass":null"#), "{json}");
+        let back: DataStats = serde_json::from_str(&json).unwrap();
+        assert!(back.unwanted_start_mass.is_nan());
+        assert_eq!(back.unwanted_start_top1, 0.25);
+        let mut older: serde_json::Value = serde_json::to_value(DataStats::default()).unwrap();
+        let fields = older.as_object_mut().unwrap();
+        fields.remove("unwanted_start_mass");
+        fields.remove("unwanted_start_top1");
+        let old: DataStats = serde_json::from_value(older).unwrap();
+        assert!(old.unwanted_start_mass.is_nan() && old.unwanted_start_top1.is_nan());
+    }
 
     #[test]
     fn spans_mark_overlapping_tokens() {

@@ -74,7 +74,9 @@ pub struct Estimate {
 }
 
 /// A number, or NaN for the `null` that serde_json writes for a non-finite one.
-fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
